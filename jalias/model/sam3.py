@@ -1,0 +1,154 @@
+"""SAM3 image model for text prompts: the Flax module and the loaded-model wrapper.
+
+Stages (each separately callable so the engine can cache the image side):
+  encode_image(pixel_values [B,3,S,S])            -> image context (FPN maps + layer-0 encoder self-attention)
+  encode_text(token_embeds [B,T,Ct], mask [B,T])  -> prompt features [B, T, D] (CLIP -> text_projection)
+  detect(image context, prompt [B,T,D], mask)     -> pred_logits, pred_boxes, presence_logits, pred_masks, ...
+An image context with batch 1 broadcasts against a batch of prompts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import Sam3Config
+from .decoder import DetrDecoder
+from .encoder import DetrEncoder
+from .heads import DotProductScoring, MaskDecoder
+from .layers import dense, key_padding_bias, sine_embed_2d
+from .text import TextEncoder
+from .vision import VisionEncoder
+
+
+class Sam3Module(nn.Module):
+    cfg: Sam3Config
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        cfg, dt = self.cfg, self.dtype
+        self.vision_encoder = VisionEncoder(cfg.vision, dt)
+        self.text_encoder = TextEncoder(cfg.text, dt)
+        self.text_projection = dense(cfg.encoder.hidden_size, dt, None)
+        self.detr_encoder = DetrEncoder(cfg.encoder, dt)
+        self.detr_decoder = DetrDecoder(cfg.decoder, dt)
+        self.mask_decoder = MaskDecoder(cfg.mask_decoder, dt)
+        self.dot_product_scoring = DotProductScoring(cfg.decoder, dt)
+
+    # ---- image side (computed once per image) -----------------------------------------------------------------
+    def encoder_pos(self) -> np.ndarray:
+        """Sine position embedding of the 1x level, flattened: [1, g*g, D] (a constant)."""
+        g, d = self.cfg.vision.backbone.grid, self.cfg.encoder.hidden_size
+        return sine_embed_2d(g, g, d // 2, normalize=True).reshape(1, g * g, d)
+
+    def encode_image(self, pixel_values):
+        """pixel_values [B, 3, S, S] -> {"fpn": [4x, 2x, 1x] maps [B, h, w, D], "enc0": [B, g*g, D]}.
+
+        enc0 is the detr encoder's first self-attention block applied to the 1x tokens: it does not depend on
+        the prompt, so it is part of the cached image context.
+        """
+        fpn = self.vision_encoder(pixel_values)
+        tokens = fpn[-1].reshape(fpn[-1].shape[0], -1, fpn[-1].shape[-1])
+        enc0 = self.detr_encoder.first_self_block(tokens, self.encoder_pos())
+        return {"fpn": fpn, "enc0": enc0}
+
+    # ---- prompt side --------------------------------------------------------------------------------------------
+    def embed_tokens(self, ids):
+        """ids int [B, T] -> CLIP token embeddings [B, T, Ct]."""
+        return self.text_encoder.lookup(ids)
+
+    def token_table(self):
+        """CLIP token embedding matrix [V, Ct]."""
+        return self.text_encoder.table()
+
+    def encode_text(self, token_embeds, attention_mask, start: int = 0, past=None):
+        """CLIP over positions start..start+T, then text_projection.
+
+        token_embeds [B, T, Ct]; attention_mask [B, start+T] over all positions so far; past: cached per-layer
+        (k, v) of positions < start. Returns (prompt features [B, T, D], per-layer (k, v) up to start+T).
+        """
+        hidden, kvs = self.text_encoder(token_embeds, attention_mask, start, past)
+        return self.text_projection(hidden), kvs
+
+    def text_features(self, input_ids, attention_mask):
+        """input_ids [B, T] -> prompt features [B, T, D] (no cache)."""
+        return self.encode_text(self.embed_tokens(input_ids), attention_mask)[0]
+
+    # ---- fusion + heads -------------------------------------------------------------------------------------------
+    def detect(self, image, prompt, prompt_mask):
+        """image: context from `encode_image` (batch 1 or B); prompt [B, T, D]; prompt_mask [B, T] (1 = valid).
+
+        Returns dict: pred_logits [B, Q], pred_boxes [B, Q, 4] (xyxy, normalised), presence_logits [B, 1],
+        pred_masks [B, Q, 4g, 4g] (logits), semantic_seg [B, 1, 4g, 4g]. All float32.
+        """
+        b = prompt.shape[0]
+        g = self.cfg.vision.backbone.grid
+        bias = key_padding_bias(prompt_mask)
+        pos = self.encoder_pos()
+        enc0 = jnp.broadcast_to(image["enc0"].astype(self.dtype), (b, *image["enc0"].shape[1:]))
+        enc = self.detr_encoder(enc0, pos, prompt, bias, first_done=True)
+        pos_b = jnp.broadcast_to(jnp.asarray(pos), enc.shape)
+        dec = self.detr_decoder(enc, pos_b, prompt, bias, (g, g))
+        logits = self.dot_product_scoring(dec["hidden"], prompt, prompt_mask)
+        masks, semantic = self.mask_decoder(dec["hidden"], image["fpn"], enc, prompt, bias)
+        return {
+            "pred_logits": logits,
+            "pred_boxes": self.detr_decoder.boxes(dec["hidden"], dec["ref_boxes"]),
+            "presence_logits": dec["presence_logits"],
+            "pred_masks": masks,
+            "semantic_seg": semantic,
+        }
+
+    def __call__(self, pixel_values, input_ids, attention_mask):
+        """Full forward, same inputs/outputs as transformers' Sam3Model (text prompts)."""
+        image = self.encode_image(pixel_values)
+        prompt, _ = self.encode_text(self.embed_tokens(input_ids), attention_mask)
+        return self.detect(image, prompt, attention_mask)
+
+
+class Sam3:
+    """A loaded SAM3: config + params + the Flax module, with jitted stage functions.
+
+    `model(pixel_values, input_ids, attention_mask)` mirrors `transformers.Sam3Model(...)` outputs (as numpy-able
+    jax arrays). `dtype="bfloat16"` computes in bf16 (params cast once); softmax/norm statistics stay fp32.
+    """
+
+    def __init__(self, config: Sam3Config, params: Any, dtype: str | jnp.dtype = "float32"):
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        self.module = Sam3Module(config, self.dtype)
+        cast = (lambda x: jnp.asarray(x, self.dtype)) if self.dtype != jnp.float32 else jnp.asarray
+        self.params = jax.tree_util.tree_map(cast, params)
+        self._jit = {}
+
+    def apply(self, method: str, *args, params=None, **kwargs):
+        """Un-jitted pure call of a stage: `apply("detect", image, prompt, mask)` (use inside your own jit)."""
+        return self.module.apply({"params": self.params if params is None else params}, *args,
+                                 method=getattr(Sam3Module, method), **kwargs)
+
+    def _jitted(self, method: str):
+        if method not in self._jit:
+            self._jit[method] = jax.jit(lambda p, *a: self.apply(method, *a, params=p))
+        return self._jit[method]
+
+    def __call__(self, pixel_values, input_ids, attention_mask) -> dict:
+        return self._jitted("__call__")(self.params, jnp.asarray(pixel_values), jnp.asarray(input_ids),
+                                        jnp.asarray(attention_mask))
+
+    def encode_image(self, pixel_values) -> dict:
+        return self._jitted("encode_image")(self.params, jnp.asarray(pixel_values))
+
+    def encode_text(self, input_ids, attention_mask):
+        """Token ids [B, T] -> prompt features [B, T, D]."""
+        return self._jitted("text_features")(self.params, jnp.asarray(input_ids), jnp.asarray(attention_mask))
+
+    def detect(self, image: dict, prompt, prompt_mask) -> dict:
+        return self._jitted("detect")(self.params, image, prompt, jnp.asarray(prompt_mask))
+
+    @property
+    def num_params(self) -> int:
+        return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(self.params)))
