@@ -17,9 +17,17 @@ def random_params(config: Sam3Config, seed: int = 0, gain: float = 1.0, presence
     """Nested dict of float32 numpy arrays with the Flax param tree of `Sam3Module(config)`."""
     from ..weights.mapping import param_shapes  # weights/ sits right of model/; imported lazily
 
+    params = random_tree(param_shapes(config), seed, gain)
+    if presence_bias:
+        params["detr_decoder"]["presence_head"]["layer3"]["bias"] += np.float32(presence_bias)
+    return params
+
+
+def random_tree(shapes: dict[tuple[str, ...], tuple[int, ...]], seed: int = 0, gain: float = 1.0) -> dict:
+    """Fan-in-scaled random params for any module given its {param path: shape} (see weights.mapping)."""
     rng = np.random.default_rng(seed)
     params: dict = {}
-    for path, shape in sorted(param_shapes(config).items()):
+    for path, shape in sorted(shapes.items()):
         leaf, owner = path[-1], path[-2]
         if leaf == "kernel":
             if len(shape) == 4 and owner.startswith("scale_layers"):  # transposed conv [kh, kw, out, in]
@@ -39,6 +47,4 @@ def random_params(config: Sam3Config, seed: int = 0, gain: float = 1.0, presence
         for p in path[:-1]:
             node = node.setdefault(p, {})
         node[leaf] = arr.astype(np.float32)
-    if presence_bias:
-        params["detr_decoder"]["presence_head"]["layer3"]["bias"] += np.float32(presence_bias)
     return params

@@ -69,13 +69,10 @@ def to_torch_layout(leaf: str, a: np.ndarray) -> np.ndarray:
 
 
 def param_shapes(config: Sam3Config) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """Every Flax param path of the model -> its shape (abstract init, no memory)."""
-    module = Sam3Module(config)
+    """Every Flax param path of the whole model -> its shape (abstract init, no memory)."""
     s, t = config.image_size, config.context_length
-    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), np.zeros((1, 3, s, s), np.float32),
-                                                np.zeros((1, t), np.int32), np.ones((1, t), np.int32)))
-    flat = jax.tree_util.tree_flatten_with_path(shapes["params"])[0]
-    return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
+    return module_shapes(Sam3Module(config), np.zeros((1, 3, s, s), np.float32), np.zeros((1, t), np.int32),
+                         np.ones((1, t), np.int32))
 
 
 def _strip_prefix(keys: Iterable[str]) -> str:
@@ -87,15 +84,23 @@ def _strip_prefix(keys: Iterable[str]) -> str:
 
 def state_dict_to_params(state_dict: Mapping[str, Any], config: Sam3Config,
                          to_numpy: Callable[[Any], np.ndarray] = np.asarray) -> dict:
-    """HF state dict (name -> tensor/array) -> nested Flax params dict of float32 numpy arrays.
+    """HF `Sam3Model` state dict (name -> tensor/array) -> nested Flax params dict of float32 numpy arrays.
 
     Raises WeightError naming the first missing, mis-shaped or unexpected tensor.
     """
     prefix = _strip_prefix(state_dict.keys())
     sd = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+    return tree_from_state_dict(sd, param_shapes(config), to_numpy, skip=_SKIP_RE)
+
+
+def tree_from_state_dict(sd: Mapping[str, Any], shapes: Mapping[tuple[str, ...], tuple[int, ...]],
+                         to_numpy: Callable[[Any], np.ndarray] = np.asarray, skip: re.Pattern | None = None) -> dict:
+    """Generic conversion for any module (whole model or one stage): `shapes` maps each Flax param path to its
+    shape; every path must find its HF key in `sd` with the right shape, and every key of `sd` must be used
+    (unless it matches `skip`)."""
     params: dict = {}
     used = set()
-    for path, shape in param_shapes(config).items():
+    for path, shape in shapes.items():
         key = hf_key(path)
         if key not in sd:
             raise WeightError(f"missing weight {key!r} (expected shape {tuple(_torch_shape(path[-1], shape))})")
@@ -108,11 +113,19 @@ def state_dict_to_params(state_dict: Mapping[str, Any], config: Sam3Config,
             node = node.setdefault(p, {})
         node[path[-1]] = arr
         used.add(key)
-    extra = sorted(k for k in sd if k not in used and not _SKIP_RE.search(k))
+    extra = sorted(k for k in sd if k not in used and not (skip is not None and skip.search(k)))
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
         raise WeightError(f"unexpected weight {extra[0]!r}{more}: checkpoint does not match this SAM3 config")
     return params
+
+
+def module_shapes(module, *example_args, method=None) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Param path -> shape for any Flax module, by abstract init on example inputs (arrays or ShapeDtypeStructs)."""
+    kw = {} if method is None else {"method": method}
+    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *example_args, **kw))
+    flat = jax.tree_util.tree_flatten_with_path(shapes["params"])[0]
+    return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
 
 
 def _torch_shape(leaf: str, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
