@@ -1,0 +1,381 @@
+"""Batched scoring engine: many candidate token sequences x a fixed set of images -> IoU.
+
+What it does per `score(ids[N, L])`:
+  1. lays candidates out as SAM3 prompts (START ids END PAD..), pads N up to a bucket size (no recompiles);
+  2. text-prefix KV cache: candidates are sorted by how long a prefix they share with a reference sequence;
+     the reference's CLIP keys/values are computed once and every chunk only runs its differing suffix;
+  3. per image (features cached on device; optionally on disk), the prompt-dependent part of SAM3 (fusion
+     encoder, decoder, heads) and the exact mask IoU run in one jitted call over the chunk;
+  4. with several devices the candidate axis is sharded over a 1-D mesh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ..model.preprocess import load_image, preprocess
+from ..model.sam3 import Sam3
+from ..tokenizer import CONTEXT_LENGTH, START_ID, tokenize
+from . import scoring
+
+GRAD_COST = 3  # a value-and-grad call is counted as 3 forward evaluations per image
+
+
+def enable_compilation_cache(path: str | None = None) -> str:
+    """Persistent XLA compilation cache (re-runs skip compiling). Returns the directory used."""
+    path = path or os.environ.get("JALIAS_JAX_CACHE") or str(Path.home() / ".cache" / "jalias" / "jax")
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    return path
+
+
+@dataclass
+class _Group:
+    """Images whose GT masks share a resolution: scored together by one compiled program."""
+
+    index: np.ndarray  # positions in the engine's image list
+    ctx: dict  # stacked image contexts [Kg, ...]
+    gt: jax.Array  # bool [Kg, H, W]
+    rows: jax.Array  # [H, h] bilinear resize matrix
+    cols: jax.Array  # [W, w]
+
+
+class Engine:
+    """Score candidate prompts on a fixed image set.
+
+    model: a loaded `Sam3`; images: uint8 [H, W, 3] arrays or image paths; gt_masks: bool [H', W'] per image
+    (the union of the concept's instances; empty for a negative image); negative: per-image flags (images where
+    the alias should predict nothing); chunk_size: candidates per compiled step (None: chosen from free memory);
+    prefix_cache: reuse CLIP keys/values of shared prefixes; cache_dir: on-disk image-feature cache.
+    """
+
+    vocab_size: int
+    max_length: int = CONTEXT_LENGTH - 2
+
+    def __init__(self, model: Sam3, images: Sequence, gt_masks: Sequence, negative: Sequence[bool] | None = None,
+                 chunk_size: int | None = None, prefix_cache: bool = True, cache_dir: str | None = None,
+                 threshold: float = 0.5, negative_weight: float = 0.5, devices: Sequence | None = None,
+                 compilation_cache: bool = True):
+        if len(images) == 0:
+            raise ValueError("Engine needs at least one image")
+        if len(images) != len(gt_masks):
+            raise ValueError(f"got {len(images)} images but {len(gt_masks)} GT masks")
+        if compilation_cache:
+            enable_compilation_cache()
+        self.model = model
+        self.config = model.config
+        self.vocab_size = model.config.text.vocab_size
+        self.threshold = float(threshold)
+        self.negative_weight = float(negative_weight)
+        self.prefix_cache = prefix_cache
+        self.evals = 0
+        self.is_negative = np.zeros(len(images), bool) if negative is None else np.asarray(negative, bool)
+        if self.is_negative.shape != (len(images),):
+            raise ValueError("negative flags must have one entry per image")
+        self.devices = list(devices) if devices is not None else jax.devices()
+        self.mesh = Mesh(np.array(self.devices), ("cand",))
+        self.gts = [self._check_gt(m, i) for i, m in enumerate(gt_masks)]
+        self.contexts = self._image_contexts(images, cache_dir)
+        self._groups = self._make_groups()
+        self._soft = self._make_soft_targets()
+        self.chunk_size = self._round_chunk(chunk_size or self._auto_chunk())
+        self._jit_text = jax.jit(self._text_fn, static_argnames=("prefix",))
+        self._jit_iou = jax.jit(self._iou_fn, static_argnames=("batch",))
+        self._jit_soft = jax.jit(jax.value_and_grad(self._soft_loss_fn), static_argnames=())
+
+    # ------------------------------------------------------------------------------------------------------------
+    # setup
+    def _check_gt(self, m, i: int) -> np.ndarray:
+        m = np.asarray(m)
+        if m.ndim != 2:
+            raise ValueError(f"GT mask {i} must be bool[H, W], got shape {list(m.shape)}")
+        m = m.astype(bool)
+        if not m.any() and not self.is_negative[i]:
+            raise ValueError(f"GT mask {i} is empty but the image is not marked negative")
+        return m
+
+    def _image_contexts(self, images, cache_dir) -> list[dict]:
+        """Backbone + neck + first encoder self-attention, once per image (memory / on-disk cache)."""
+        size = self.config.image_size
+        fingerprint = _fingerprint(self.model) if cache_dir else None
+        out = []
+        for i, im in enumerate(images):
+            arr = load_image(im) if isinstance(im, (str, os.PathLike)) else np.asarray(im)
+            px = preprocess(arr, size)
+            ctx = None
+            path = None
+            if cache_dir:
+                key = hashlib.sha256(px.tobytes() + fingerprint.encode()).hexdigest()[:32]
+                path = Path(cache_dir) / f"{key}.npz"
+                if path.exists():
+                    ctx = _load_ctx(path)
+            if ctx is None:
+                ctx = self.model.encode_image(px)
+                if path is not None:
+                    _save_ctx(path, ctx)
+            out.append(ctx)
+        return out
+
+    def _make_groups(self) -> list[_Group]:
+        by_shape: dict[tuple, list[int]] = {}
+        for i, g in enumerate(self.gts):
+            by_shape.setdefault(g.shape, []).append(i)
+        rep = NamedSharding(self.mesh, P())
+        m = 4 * self.config.vision.backbone.grid
+        groups = []
+        for (h, w), idx in by_shape.items():
+            ctx = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, 0), *[self.contexts[i] for i in idx])
+            groups.append(_Group(
+                index=np.asarray(idx),
+                ctx=jax.device_put(ctx, rep),
+                gt=jax.device_put(np.stack([self.gts[i] for i in idx]), rep),
+                rows=jnp.asarray(scoring.bilinear_matrix(h, m)),
+                cols=jnp.asarray(scoring.bilinear_matrix(w, m))))
+        return groups
+
+    def _make_soft_targets(self) -> dict:
+        m = 4 * self.config.vision.backbone.grid
+        ctx = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, 0), *self.contexts)
+        gt = np.stack([scoring.area_resize(g, m) for g in self.gts])
+        return {"ctx": ctx, "gt": jnp.asarray(gt), "neg": jnp.asarray(self.is_negative)}
+
+    def _auto_chunk(self) -> int:
+        """Candidates per step from free device memory and a per-candidate activation estimate."""
+        free = _free_memory(self.devices[0])
+        c = self.config
+        g2 = c.vision.backbone.grid ** 2
+        d, q, m2 = c.encoder.hidden_size, c.decoder.num_queries, (4 * c.vision.backbone.grid) ** 2
+        item = self.model.dtype.itemsize
+        per = (c.encoder.num_attention_heads * g2 * g2 * 4  # encoder attention logits (fp32)
+               + 12 * g2 * max(c.encoder.intermediate_size, d) * item  # encoder/decoder activations
+               + 6 * m2 * d * item + 2 * q * m2 * 4)  # pixel decoder + mask logits
+        per *= 2  # headroom for fusion temporaries
+        n = int(free * 0.5 // max(per, 1))
+        return max(1, min(n, 1024))
+
+    def _round_chunk(self, n: int) -> int:
+        k = len(self.devices)
+        n = max(k, int(n))
+        return 1 << (n - 1).bit_length() if n <= 1024 else n - n % k
+
+    # ------------------------------------------------------------------------------------------------------------
+    # jitted pieces
+    def _text_fn(self, params, ids, mask, ref_feats, ref_kv, prefix: int):
+        """Prompt features [n, T, D] for ids [n, T]; positions < prefix are taken from the reference's cache."""
+        sam = lambda method, *a, **k: self.model.apply(method, *a, params=params, **k)
+        if prefix == 0:
+            return sam("text_features", ids, mask)
+        emb = sam("embed_tokens", ids[:, prefix:])
+        past = [(k[:, :prefix], v[:, :prefix]) for k, v in ref_kv]
+        feats, _ = sam("encode_text", emb, mask, start=prefix, past=past)
+        head = jnp.broadcast_to(ref_feats[:, :prefix], (ids.shape[0], prefix, feats.shape[-1]))
+        return jnp.concatenate([head.astype(feats.dtype), feats], axis=1)
+
+    def _ref_fn(self, params, ids, mask):
+        emb = self.model.apply("embed_tokens", ids, params=params)
+        return self.model.apply("encode_text", emb, mask, params=params)
+
+    def _iou_fn(self, params, prompt, mask, ctx, gt, rows, cols, batch: int):
+        """prompt [n, T, D] x Kg images -> iou [n, Kg] (images mapped sequentially to bound memory)."""
+        def one(args):
+            c, g = args
+            c = jax.tree_util.tree_map(lambda x: x[None], c)
+            out = self.model.apply("detect", c, prompt, mask, params=params)
+            return scoring.exact_iou(out, g, rows, cols, self.threshold, batch)
+
+        return jax.lax.map(one, (ctx, gt)).T
+
+    def _soft_loss_fn(self, embeds, params, weights, negative_weight):
+        """embeds [L, Ct] continuous content-token embeddings -> 1 - soft objective (scalar)."""
+        length = embeds.shape[0]
+        ids, mask = scoring.layout_prompts(np.zeros((1, length), np.int32))
+        table = self.model.apply("token_table", params=params)
+        tok = table[jnp.asarray(ids[0])].astype(embeds.dtype)
+        tok = tok.at[1:1 + length].set(embeds)[None]
+        prompt, _ = self.model.apply("encode_text", tok.astype(self.model.dtype), jnp.asarray(mask), params=params)
+        soft = self._soft
+
+        def one(args):
+            c, g, neg = args
+            c = jax.tree_util.tree_map(lambda x: x[None], c)
+            out = self.model.apply("detect", c, prompt, jnp.asarray(mask), params=params)
+            return scoring.soft_scores(out, g, neg)[0]
+
+        s = jax.lax.map(one, (soft["ctx"], soft["gt"], soft["neg"]))  # [K]
+        neg = soft["neg"]
+        wpos = weights * (~neg)
+        wneg = weights * neg
+        pos_term = jnp.sum(s * wpos) / jnp.maximum(jnp.sum(wpos), 1e-9)
+        neg_term = jnp.sum((1 - s) * wneg) / jnp.maximum(jnp.sum(wneg), 1e-9)
+        return 1.0 - (pos_term - negative_weight * neg_term)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # public API
+    @property
+    def n_images(self) -> int:
+        return len(self.gts)
+
+    @property
+    def embedding_table(self) -> jax.Array:
+        return self.model.apply("token_table")
+
+    def score(self, ids, images: Sequence[int] | None = None, reference: Sequence[int] | None = None) -> np.ndarray:
+        """ids int[N, L] content tokens -> float32 [N, k] exact IoU on the selected images (default all).
+
+        `reference`: the sequence most candidates derive from (default: the first row); only affects speed.
+        """
+        ids = np.asarray(ids, np.int32)
+        input_ids, mask = scoring.layout_prompts(ids, self.config.context_length)
+        return self._score_layout(input_ids, mask, images, ids[0] if reference is None and len(ids) else reference)
+
+    def score_text(self, texts: Sequence[str], images: Sequence[int] | None = None) -> np.ndarray:
+        """Strings -> float32 [N, k] IoU (tokenised with the CLIP BPE, truncated to the context)."""
+        input_ids, mask = tokenize(list(texts), self.config.context_length)
+        return self._score_layout(input_ids, mask, images, None)
+
+    def _score_layout(self, input_ids, mask, images, reference) -> np.ndarray:
+        sel = np.arange(self.n_images) if images is None else np.asarray(images, int)
+        n = len(input_ids)
+        result = np.zeros((n, len(sel)), np.float32)
+        if n == 0 or len(sel) == 0:
+            return result
+        # prefix grouping: order candidates by shared-prefix length with the reference
+        if self.prefix_cache and reference is not None:
+            ref_ids, ref_mask = scoring.layout_prompts(np.asarray(reference, np.int32)[None], self.config.context_length)
+            shared = _shared_prefix(input_ids, mask, ref_ids[0], ref_mask[0])
+            order = np.argsort(-shared, kind="stable")
+            ref_feats, ref_kv = self._ref(ref_ids, ref_mask)
+        else:
+            shared = np.zeros(n, int)
+            order = np.arange(n)
+            ref_feats = ref_kv = None
+        for start in range(0, n, self.chunk_size):
+            idx = order[start:start + self.chunk_size]
+            prefix = _bucket_prefix(int(shared[idx].min())) if ref_kv is not None else 0
+            result[idx] = self._score_chunk(input_ids[idx], mask[idx], sel, ref_feats, ref_kv, prefix)
+        self.evals += n * len(sel)
+        return result
+
+    def _ref(self, ids, mask):
+        if not hasattr(self, "_jit_ref"):
+            self._jit_ref = jax.jit(self._ref_fn)
+        return self._jit_ref(self.model.params, jnp.asarray(ids), jnp.asarray(mask))
+
+    def _score_chunk(self, ids, mask, sel, ref_feats, ref_kv, prefix) -> np.ndarray:
+        n = len(ids)
+        bucket = _bucket(n, self.chunk_size, len(self.devices))
+        ids = np.concatenate([ids, np.repeat(ids[-1:], bucket - n, 0)])
+        mask = np.concatenate([mask, np.repeat(mask[-1:], bucket - n, 0)])
+        cand = NamedSharding(self.mesh, P("cand"))
+        ids_d, mask_d = jax.device_put(ids, cand), jax.device_put(mask, cand)
+        prompt = self._jit_text(self.model.params, ids_d, mask_d, ref_feats, ref_kv, prefix=prefix)
+        out = np.zeros((n, len(sel)), np.float32)
+        col = {int(i): j for j, i in enumerate(sel)}
+        for g in self._groups:
+            wanted = [k for k, i in enumerate(g.index) if int(i) in col]
+            if not wanted:
+                continue
+            ctx = g.ctx if len(wanted) == len(g.index) else jax.tree_util.tree_map(lambda x: x[np.asarray(wanted)], g.ctx)
+            gt = g.gt if len(wanted) == len(g.index) else g.gt[np.asarray(wanted)]
+            batch = max(1, min(bucket, int(2e8 // (self.config.decoder.num_queries * gt.shape[-1] * gt.shape[-2] * 4))))
+            iou = np.asarray(self._jit_iou(self.model.params, prompt, mask_d, ctx, gt, g.rows, g.cols, batch=batch))
+            for k, w in enumerate(wanted):
+                out[:, col[int(g.index[w])]] = iou[:n, k]
+        return out
+
+    # soft / gradient interface ------------------------------------------------------------------------------------
+    def _weights(self, images) -> jax.Array:
+        w = np.zeros(self.n_images, np.float32)
+        w[np.arange(self.n_images) if images is None else np.asarray(images, int)] = 1.0
+        return jnp.asarray(w)
+
+    def soft_loss(self, embeds, images=None, negative_weight: float | None = None) -> jax.Array:
+        """Differentiable loss (1 - soft objective) of continuous content embeddings [L, Ct]."""
+        nw = self.negative_weight if negative_weight is None else negative_weight
+        return self._soft_loss_fn(embeds, self.model.params, self._weights(images), nw)
+
+    def soft_loss_and_grad(self, embeds, images=None, negative_weight: float | None = None):
+        """-> (loss float, grad [L, Ct]) via one jitted value_and_grad call."""
+        nw = self.negative_weight if negative_weight is None else negative_weight
+        loss, grad = self._jit_soft(jnp.asarray(embeds, jnp.float32), self.model.params, self._weights(images), nw)
+        k = self.n_images if images is None else len(images)
+        self.evals += GRAD_COST * k
+        return float(loss), grad
+
+    def token_grad(self, ids, images=None, negative_weight: float | None = None) -> np.ndarray:
+        """Gradient of the soft loss w.r.t. the one-hot encoding of ids [L] -> float32 [L, V]."""
+        table = self.embedding_table.astype(jnp.float32)
+        embeds = table[jnp.asarray(np.asarray(ids, np.int32))]
+        _, g = self.soft_loss_and_grad(embeds, images, negative_weight)
+        return np.asarray(g @ table.T)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def _shared_prefix(ids: np.ndarray, mask: np.ndarray, ref: np.ndarray, ref_mask: np.ndarray) -> np.ndarray:
+    """Per row: how many leading positions (ids and mask) equal the reference's, counting only real tokens
+    before the reference's END (so a cached prefix never includes END or padding)."""
+    same = (ids == ref[None]) & (mask == ref_mask[None])
+    first_diff = np.where(same.all(1), ids.shape[1], np.argmin(same, axis=1))
+    ref_len = int(ref_mask.sum()) - 1  # START + content tokens
+    return np.minimum(first_diff, ref_len)
+
+
+def _bucket_prefix(p: int) -> int:
+    """Round cached-prefix lengths down to a multiple of 4 (bounds the number of compiled variants)."""
+    return (p // 4) * 4
+
+
+def _bucket(n: int, chunk: int, devices: int) -> int:
+    b = max(devices, 1 << max(0, (n - 1).bit_length()))
+    b = min(b, chunk) if n <= chunk else b
+    return int(math.ceil(b / devices) * devices)
+
+
+def _free_memory(device) -> int:
+    try:
+        stats = device.memory_stats() or {}
+        if "bytes_limit" in stats:
+            return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    except Exception:  # CPU backends have no memory stats
+        pass
+    try:
+        import psutil
+        return int(psutil.virtual_memory().available)
+    except Exception:
+        return 4 << 30
+
+
+def _fingerprint(model: Sam3) -> str:
+    h = hashlib.sha256(model.dtype.name.encode())
+    for path, leaf in jax.tree_util.tree_flatten_with_path(model.params)[0]:
+        a = np.asarray(leaf).ravel()
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(np.asarray(a[:: max(1, a.size // 4096)], np.float32).tobytes())
+    return h.hexdigest()
+
+
+def _save_ctx(path: Path, ctx: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    arrays = {f"fpn{i}": np.asarray(x, np.float32) for i, x in enumerate(ctx["fpn"])}
+    arrays["enc0"] = np.asarray(ctx["enc0"], np.float32)
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _load_ctx(path: Path) -> dict | None:
+    try:
+        with np.load(path) as z:
+            return {"fpn": [jnp.asarray(z[f"fpn{i}"]) for i in range(3)], "enc0": jnp.asarray(z["enc0"])}
+    except Exception:  # a corrupt cache entry is recomputed, never fatal
+        return None

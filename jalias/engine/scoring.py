@@ -1,0 +1,125 @@
+"""Pure jax scoring functions: prompt layout, the exact mask prediction + IoU, and the soft (differentiable) IoU.
+
+Prediction rule (exact path): a query is kept when sigmoid(pred_logit) * sigmoid(presence_logit) > threshold
+(0.5); its mask logits are resized bilinearly (half-pixel centres, no antialiasing: torch
+`F.interpolate(mode="bilinear", align_corners=False)`) to the GT's resolution and thresholded at 0; the predicted
+mask is the union over kept queries. IoU follows `jalias.data.masks.iou` (empty vs empty = 1).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..tokenizer import CONTEXT_LENGTH, END_ID, PAD_ID, START_ID
+
+
+def layout_prompts(ids: np.ndarray, context: int = CONTEXT_LENGTH) -> tuple[np.ndarray, np.ndarray]:
+    """Content tokens int[N, L] (L <= context-2) -> (input_ids int32[N, context], attention_mask int32[N, context]):
+    [START, ids..., END, PAD...] with mask 1 on START..END, as SAM3's processor lays out a prompt."""
+    ids = np.asarray(ids)
+    if ids.ndim != 2:
+        raise ValueError(f"candidate token ids must be int[N, L], got shape {list(ids.shape)}")
+    n, length = ids.shape
+    if length > context - 2:
+        raise ValueError(f"candidates have {length} tokens; at most {context - 2} fit the {context}-token context")
+    if n and (ids.min() < 0 or ids.max() >= START_ID):
+        bad = int(ids.min() if ids.min() < 0 else ids.max())
+        raise ValueError(f"unknown or special token id {bad} in candidates (content ids are 0..{START_ID - 1})")
+    out = np.full((n, context), PAD_ID, np.int32)
+    out[:, 0] = START_ID
+    out[:, 1:1 + length] = ids
+    out[:, 1 + length] = END_ID
+    mask = np.zeros((n, context), np.int32)
+    mask[:, :length + 2] = 1
+    return out, mask
+
+
+def bilinear_matrix(out_size: int, in_size: int) -> np.ndarray:
+    """float32[out, in] weights of 1-D bilinear resizing, half-pixel centres, edge clamp, no antialias."""
+    pos = (np.arange(out_size, dtype=np.float64) + 0.5) * (in_size / out_size) - 0.5
+    pos = np.clip(pos, 0, in_size - 1)
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, in_size - 1)
+    frac = pos - lo
+    m = np.zeros((out_size, in_size), np.float64)
+    m[np.arange(out_size), lo] += 1 - frac
+    m[np.arange(out_size), hi] += frac
+    return m.astype(np.float32)
+
+
+def query_keep(pred_logits: jax.Array, presence_logits: jax.Array, threshold: float = 0.5) -> jax.Array:
+    """[..., Q], [..., 1] -> bool [..., Q]: queries whose score (query prob x presence prob) passes threshold."""
+    return jax.nn.sigmoid(pred_logits) * jax.nn.sigmoid(presence_logits) > threshold
+
+
+def predicted_mask(masks: jax.Array, keep: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array:
+    """One candidate: masks [Q, h, w] logits, keep bool [Q], rows [H, h], cols [W, w] -> bool [H, W] union."""
+    up = jnp.einsum("Hh,qhw,Ww->qHW", rows, masks.astype(jnp.float32), cols)
+    return jnp.any((up > 0) & keep[:, None, None], axis=0)
+
+
+def iou(pred: jax.Array, gt: jax.Array) -> jax.Array:
+    """Jax twin of `jalias.data.masks.iou` for bool [..., H, W] -> float32 [...]."""
+    inter = jnp.sum(pred & gt, axis=(-2, -1)).astype(jnp.float32)
+    union = jnp.sum(pred | gt, axis=(-2, -1)).astype(jnp.float32)
+    return jnp.where(union == 0, 1.0, inter / jnp.maximum(union, 1.0))
+
+
+def exact_iou(out: dict, gt: jax.Array, rows: jax.Array, cols: jax.Array, threshold: float = 0.5,
+              batch_size: int = 8) -> jax.Array:
+    """Detector outputs for N candidates on one image (pred_masks [N,Q,h,w] ...) and gt bool [H, W] -> iou [N].
+
+    Candidates are mapped in small batches so the [Q, H, W] upsampled logits never exist for the whole chunk.
+    """
+    keep = query_keep(out["pred_logits"], out["presence_logits"], threshold)
+
+    def one(args):
+        masks, k = args
+        return iou(predicted_mask(masks, k, rows, cols), gt)
+
+    return jax.lax.map(one, (out["pred_masks"], keep), batch_size=batch_size)
+
+
+def soft_union(out: dict) -> jax.Array:
+    """Differentiable union: 1 - prod_q (1 - s_q * sigmoid(mask_q)), s_q = query prob x presence prob.
+    pred_masks [N, Q, h, w] -> [N, h, w] in [0, 1]."""
+    s = jax.nn.sigmoid(out["pred_logits"]) * jax.nn.sigmoid(out["presence_logits"])  # [N, Q]
+    p = s[..., None, None] * jax.nn.sigmoid(out["pred_masks"].astype(jnp.float32))
+    return 1.0 - jnp.exp(jnp.sum(jnp.log1p(-jnp.clip(p, 0.0, 1 - 1e-6)), axis=-3))
+
+
+def soft_scores(out: dict, gt_soft: jax.Array, negative: jax.Array) -> jax.Array:
+    """Soft IoU against a [h, w] GT in [0,1] (the GT area-resized to mask resolution); on a negative image the
+    score is the probability that no query fires (1 - max_q s_q). -> float32 [N]."""
+    u = soft_union(out)
+    inter = jnp.sum(u * gt_soft, axis=(-2, -1))
+    union = jnp.sum(u + gt_soft - u * gt_soft, axis=(-2, -1))
+    pos = inter / (union + 1e-6)
+    s = jax.nn.sigmoid(out["pred_logits"]) * jax.nn.sigmoid(out["presence_logits"])
+    neg = 1.0 - jnp.max(s, axis=-1)
+    return jnp.where(negative, neg, pos)
+
+
+def area_resize(mask: np.ndarray, size: int) -> np.ndarray:
+    """bool/float [H, W] -> float32 [size, size] fraction of each target cell covered (box filter via bilinear
+    matrices of the cell centres when shapes do not divide)."""
+    m = np.asarray(mask, np.float32)
+    h, w = m.shape
+    rows = _area_matrix(size, h)
+    cols = _area_matrix(size, w)
+    return (rows @ m @ cols.T).astype(np.float32)
+
+
+def _area_matrix(out_size: int, in_size: int) -> np.ndarray:
+    """float64 [out, in]: overlap of output cell i with input pixel j, rows normalised to sum 1."""
+    edges_out = np.linspace(0, in_size, out_size + 1)
+    m = np.zeros((out_size, in_size))
+    for i in range(out_size):
+        a, b = edges_out[i], edges_out[i + 1]
+        j0, j1 = int(np.floor(a)), int(np.ceil(b))
+        for j in range(j0, min(j1, in_size)):
+            m[i, j] = max(0.0, min(b, j + 1) - max(a, j))
+        m[i] /= max(m[i].sum(), 1e-12)
+    return m
