@@ -118,13 +118,16 @@ class Engine:
                 key = hashlib.sha256(px.tobytes() + fingerprint.encode()).hexdigest()[:32]
                 path = Path(cache_dir) / f"{key}.npz"
                 if path.exists():
-                    ctx = _load_ctx(path)
+                    ctx = _load_ctx(path, self._ctx_structure(px))
             if ctx is None:
                 ctx = self.model.encode_image(px)
                 if path is not None:
                     _save_ctx(path, ctx)
             out.append(ctx)
         return out
+
+    def _ctx_structure(self, px) -> dict:
+        return jax.eval_shape(lambda p, x: self.model.apply("encode_image", x, params=p), self.model.params, px)
 
     def _make_groups(self) -> list[_Group]:
         by_shape: dict[tuple, list[int]] = {}
@@ -190,7 +193,7 @@ class Engine:
         def one(args):
             c, g = args
             c = jax.tree_util.tree_map(lambda x: x[None], c)
-            out = self.model.apply("detect", c, prompt, mask, params=params)
+            out = self.model.apply("detect_fast", c, prompt, mask, params=params)
             return scoring.exact_iou(out, g, rows, cols, self.threshold, batch)
 
         return jax.lax.map(one, (ctx, gt)).T
@@ -208,7 +211,7 @@ class Engine:
         def one(args):
             c, g, neg = args
             c = jax.tree_util.tree_map(lambda x: x[None], c)
-            out = self.model.apply("detect", c, prompt, jnp.asarray(mask), params=params)
+            out = self.model.apply("detect_fast", c, prompt, jnp.asarray(mask), params=params)
             return scoring.soft_scores(out, g, neg)[0]
 
         s = jax.lax.map(one, (soft["ctx"], soft["gt"], soft["neg"]))  # [K]
@@ -366,16 +369,20 @@ def _fingerprint(model: Sam3) -> str:
 
 def _save_ctx(path: Path, ctx: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    arrays = {f"fpn{i}": np.asarray(x, np.float32) for i, x in enumerate(ctx["fpn"])}
-    arrays["enc0"] = np.asarray(ctx["enc0"], np.float32)
-    np.savez(tmp, **arrays)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    leaves, _ = jax.tree_util.tree_flatten(ctx)
+    np.savez(tmp, *[np.asarray(x, np.float32) for x in leaves])
     os.replace(tmp, path)
 
 
-def _load_ctx(path: Path) -> dict | None:
+def _load_ctx(path: Path, like: dict) -> dict | None:
+    """Read a cached context with the tree structure of `like`; None if absent, stale or corrupt."""
     try:
+        treedef = jax.tree_util.tree_structure(like)
         with np.load(path) as z:
-            return {"fpn": [jnp.asarray(z[f"fpn{i}"]) for i in range(3)], "enc0": jnp.asarray(z["enc0"])}
+            leaves = [jnp.asarray(z[f"arr_{i}"]) for i in range(len(z.files))]
+        if len(leaves) != treedef.num_leaves:
+            return None
+        return jax.tree_util.tree_unflatten(treedef, leaves)
     except Exception:  # a corrupt cache entry is recomputed, never fatal
         return None

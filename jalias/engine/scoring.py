@@ -56,8 +56,9 @@ def query_keep(pred_logits: jax.Array, presence_logits: jax.Array, threshold: fl
 
 def predicted_mask(masks: jax.Array, keep: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array:
     """One candidate: masks [Q, h, w] logits, keep bool [Q], rows [H, h], cols [W, w] -> bool [H, W] union."""
-    up = jnp.einsum("Hh,qhw,Ww->qHW", rows, masks.astype(jnp.float32), cols)
-    return jnp.any((up > 0) & keep[:, None, None], axis=0)
+    m = jnp.where(keep[:, None, None], masks.astype(jnp.float32), -1.0)  # dropped queries: never > 0
+    up = jnp.matmul(rows, jnp.matmul(m, cols.T))  # [Q, H, W]; two GEMMs, separable bilinear resize
+    return jnp.any(up > 0, axis=-3)
 
 
 def iou(pred: jax.Array, gt: jax.Array) -> jax.Array:

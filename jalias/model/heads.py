@@ -45,22 +45,65 @@ def resize_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     return x[:, ri][:, :, ci]
 
 
+def upsample2_conv3x3(x: jax.Array, k: jax.Array) -> jax.Array:
+    """conv3x3(nearest_upsample_2x(x)) (zero padding 1, no bias) computed at the LOW resolution.
+
+    Each output phase (a, b) of the 2x grid sees a 2x2 neighbourhood of x, so the 3x3 kernel folds into four
+    2x2 kernels: 16 instead of 36 multiply-adds per output pixel and channel pair, and the upsampled map is never
+    materialised. x [B, H, W, C], k [3, 3, C, O] -> [B, 2H, 2W, O].
+    """
+    b, h, w, _ = x.shape
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    fold = {0: (k[0:1].sum(0), k[1:3].sum(0)), 1: (k[0:2].sum(0), k[2:3].sum(0))}  # phase -> kernel rows
+    rows = []
+    for a in (0, 1):
+        cols = []
+        for c in (0, 1):
+            kr = jnp.stack(fold[a])  # [2, 3, C, O]
+            kk = jnp.stack([kr[:, 0:1].sum(1), kr[:, 1:3].sum(1)] if c == 0 else
+                           [kr[:, 0:2].sum(1), kr[:, 2:3].sum(1)], axis=1)  # [2, 2, C, O]
+            win = xp[:, a:a + h + 1, c:c + w + 1]
+            cols.append(jax.lax.conv_general_dilated(win, kk.astype(x.dtype), (1, 1), "VALID",
+                                                     dimension_numbers=("NHWC", "HWIO", "NHWC")))
+        rows.append(jnp.stack(cols, axis=3))  # [B, H, W, 2(c), O]
+    out = jnp.stack(rows, axis=2)  # [B, H, 2(a), W, 2(c), O]
+    return out.reshape(b, 2 * h, 2 * w, k.shape[-1])
+
+
 class PixelDecoder(nn.Module):
     """FPN top-down path: [4x, 2x, 1x] maps -> pixel embeddings at the 4x resolution [B, 4g, 4g, D]."""
 
     cfg: MaskDecoderConfig
     dtype: jnp.dtype = jnp.float32
 
-    @nn.compact
+    def setup(self):
+        d, n, dt = self.cfg.hidden_size, self.cfg.num_upsampling_stages, self.dtype
+        self.conv_layers = [nn.Conv(d, (3, 3), padding=((1, 1), (1, 1)), dtype=dt) for _ in range(n)]
+        self.norms = [nn.GroupNorm(num_groups=8, epsilon=1e-5, dtype=dt, use_fast_variance=False) for _ in range(n)]
+
     def __call__(self, feats):
-        d = self.cfg.hidden_size
+        """Reference order (as HF): upsample, add the skip, conv, norm, relu."""
         x = feats[-1]
         for i, skip in enumerate(reversed(feats[:-1])):
             x = resize_nearest(x, skip.shape[1:3]) + skip
-            x = nn.Conv(d, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name=f"conv_layers_{i}")(x)
-            x = nn.GroupNorm(num_groups=8, epsilon=1e-5, dtype=self.dtype, use_fast_variance=False,
-                             name=f"norms_{i}")(x)
-            x = jax.nn.relu(x)
+            x = jax.nn.relu(self.norms[i](self.conv_layers[i](x)))
+        return x
+
+    def skip_terms(self, feats):
+        """Prompt-independent halves of each stage's conv: conv_i(skip_i) + bias (conv is linear). Per image."""
+        return [self.conv_layers[i](skip) for i, skip in enumerate(reversed(feats[:-1]))]
+
+    def fast(self, x, terms):
+        """Same result as __call__ given `skip_terms`: conv(up(x) + skip) = conv_nobias(up(x)) + conv(skip),
+        with the upsample folded into the conv (upsample2_conv3x3). x: [B, g, g, D] -> [B, 4g, 4g, D]."""
+        for i, t in enumerate(terms):
+            k = self.conv_layers[i].variables["params"]["kernel"]
+            if t.shape[1] == 2 * x.shape[1] and t.shape[2] == 2 * x.shape[2]:
+                y = upsample2_conv3x3(x, k)
+            else:
+                y = jax.lax.conv_general_dilated(resize_nearest(x, t.shape[1:3]), k.astype(x.dtype), (1, 1),
+                                                 ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            x = jax.nn.relu(self.norms[i](y + t.astype(y.dtype)))
         return x
 
 
@@ -68,26 +111,54 @@ class MaskDecoder(nn.Module):
     cfg: MaskDecoderConfig
     dtype: jnp.dtype = jnp.float32
 
-    @nn.compact
+    def setup(self):
+        cfg, dt, d = self.cfg, self.dtype, self.cfg.hidden_size
+        self.prompt_cross_attn_norm = layer_norm(1e-5, dt, None)
+        self.prompt_cross_attn = Attention(d, cfg.num_attention_heads, dt)
+        self.pixel_decoder = PixelDecoder(cfg, dt)
+        self.instance_projection = nn.Conv(d, (1, 1), dtype=dt)
+        self.semantic_projection = nn.Conv(1, (1, 1), dtype=dt)
+        self.mask_embedder = MaskEmbedder(d, dt)
+
+    def _prompted_tokens(self, encoder_tokens, prompt, prompt_bias):
+        h = self.prompt_cross_attn_norm(encoder_tokens)
+        return encoder_tokens + self.prompt_cross_attn(h, prompt, prompt, prompt_bias)
+
     def __call__(self, queries, fpn, encoder_tokens, prompt, prompt_bias):
         """queries [B, Q, D]; fpn: [4x, 2x, 1x] maps [B, h, w, D] (batch 1 broadcasts); encoder_tokens [B, g*g, D].
 
         Returns pred_masks [B, Q, 4g, 4g] (logits) and semantic_seg [B, 1, 4g, 4g].
         """
-        cfg, dt, d = self.cfg, self.dtype, self.cfg.hidden_size
-        h = layer_norm(1e-5, dt, "prompt_cross_attn_norm")(encoder_tokens)
-        enc = encoder_tokens + Attention(d, cfg.num_attention_heads, dt, name="prompt_cross_attn")(
-            h, prompt, prompt, prompt_bias)
-        b = enc.shape[0]
+        enc = self._prompted_tokens(encoder_tokens, prompt, prompt_bias)
+        b, d = enc.shape[0], self.cfg.hidden_size
         g_h, g_w = fpn[-1].shape[1:3]
-        maps = [jnp.broadcast_to(f.astype(dt), (b, *f.shape[1:])) for f in fpn[:-1]]
+        maps = [jnp.broadcast_to(f.astype(self.dtype), (b, *f.shape[1:])) for f in fpn[:-1]]
         maps.append(enc.reshape(b, g_h, g_w, d))  # encoder tokens replace the 1x backbone level
-        pixels = PixelDecoder(cfg, dt, name="pixel_decoder")(maps)
-        inst = nn.Conv(d, (1, 1), dtype=dt, name="instance_projection")(pixels)
-        emb = MaskEmbedder(d, dt, name="mask_embedder")(queries)
+        pixels = self.pixel_decoder(maps)
+        inst = self.instance_projection(pixels)
+        emb = self.mask_embedder(queries)
         masks = jnp.einsum("bqc,bhwc->bqhw", emb, inst, preferred_element_type=jnp.float32)
-        semantic = nn.Conv(1, (1, 1), dtype=dt, name="semantic_projection")(pixels)
+        semantic = self.semantic_projection(pixels)
         return masks, jnp.transpose(semantic, (0, 3, 1, 2)).astype(jnp.float32)
+
+    def image_terms(self, fpn):
+        """Per-image cache for `fast`: the pixel decoder's skip-conv terms (see PixelDecoder.skip_terms)."""
+        return self.pixel_decoder.skip_terms(fpn)
+
+    def fast(self, queries, terms, encoder_tokens, prompt, prompt_bias, grid: tuple[int, int]):
+        """pred_masks [B, Q, 4g, 4g] like __call__ (up to float rounding), cheaper: skip convs cached per image,
+        upsampling folded into convs, and the 1x1 instance projection folded into the query side
+        (emb . (W p + b) = (W^T emb) . p + emb . b), so no D x D conv runs at the 4x resolution."""
+        enc = self._prompted_tokens(encoder_tokens, prompt, prompt_bias)
+        b, d = enc.shape[0], self.cfg.hidden_size
+        terms = [jnp.broadcast_to(t, (b, *t.shape[1:])) for t in terms]
+        pixels = self.pixel_decoder.fast(enc.reshape(b, *grid, d), terms)
+        p = self.instance_projection.variables["params"]
+        emb = self.mask_embedder(queries)
+        q = jnp.einsum("bqc,dc->bqd", emb, p["kernel"][0, 0].astype(emb.dtype))
+        offset = jnp.einsum("bqc,c->bq", emb, p["bias"].astype(emb.dtype), preferred_element_type=jnp.float32)
+        masks = jnp.einsum("bqd,bhwd->bqhw", q, pixels, preferred_element_type=jnp.float32)
+        return masks + offset[..., None, None]
 
 
 class MaskEmbedder(nn.Module):

@@ -46,15 +46,14 @@ class Sam3Module(nn.Module):
         return sine_embed_2d(g, g, d // 2, normalize=True).reshape(1, g * g, d)
 
     def encode_image(self, pixel_values):
-        """pixel_values [B, 3, S, S] -> {"fpn": [4x, 2x, 1x] maps [B, h, w, D], "enc0": [B, g*g, D]}.
-
-        enc0 is the detr encoder's first self-attention block applied to the 1x tokens: it does not depend on
-        the prompt, so it is part of the cached image context.
+        """pixel_values [B, 3, S, S] -> image context, all prompt-independent (cached by the engine):
+        "fpn": [4x, 2x, 1x] maps [B, h, w, D]; "enc0": the detr encoder's first self-attention block on the 1x
+        tokens [B, g*g, D]; "terms": the pixel decoder's skip-conv terms [[B, 2g, 2g, D], [B, 4g, 4g, D]].
         """
         fpn = self.vision_encoder(pixel_values)
         tokens = fpn[-1].reshape(fpn[-1].shape[0], -1, fpn[-1].shape[-1])
         enc0 = self.detr_encoder.first_self_block(tokens, self.encoder_pos())
-        return {"fpn": fpn, "enc0": enc0}
+        return {"fpn": fpn, "enc0": enc0, "terms": self.mask_decoder.image_terms(fpn)}
 
     # ---- prompt side --------------------------------------------------------------------------------------------
     def embed_tokens(self, ids):
@@ -79,11 +78,12 @@ class Sam3Module(nn.Module):
         return self.encode_text(self.embed_tokens(input_ids), attention_mask)[0]
 
     # ---- fusion + heads -------------------------------------------------------------------------------------------
-    def detect(self, image, prompt, prompt_mask):
+    def detect(self, image, prompt, prompt_mask, fast: bool = False):
         """image: context from `encode_image` (batch 1 or B); prompt [B, T, D]; prompt_mask [B, T] (1 = valid).
 
         Returns dict: pred_logits [B, Q], pred_boxes [B, Q, 4] (xyxy, normalised), presence_logits [B, 1],
-        pred_masks [B, Q, 4g, 4g] (logits), semantic_seg [B, 1, 4g, 4g]. All float32.
+        pred_masks [B, Q, 4g, 4g] (logits), and semantic_seg [B, 1, 4g, 4g] unless fast. All float32.
+        fast=True uses the engine's reordered mask decoder (same values up to float rounding).
         """
         b = prompt.shape[0]
         g = self.cfg.vision.backbone.grid
@@ -93,15 +93,19 @@ class Sam3Module(nn.Module):
         enc = self.detr_encoder(enc0, pos, prompt, bias, first_done=True)
         pos_b = jnp.broadcast_to(jnp.asarray(pos), enc.shape)
         dec = self.detr_decoder(enc, pos_b, prompt, bias, (g, g))
-        logits = self.dot_product_scoring(dec["hidden"], prompt, prompt_mask)
-        masks, semantic = self.mask_decoder(dec["hidden"], image["fpn"], enc, prompt, bias)
-        return {
-            "pred_logits": logits,
+        out = {
+            "pred_logits": self.dot_product_scoring(dec["hidden"], prompt, prompt_mask),
             "pred_boxes": self.detr_decoder.boxes(dec["hidden"], dec["ref_boxes"]),
             "presence_logits": dec["presence_logits"],
-            "pred_masks": masks,
-            "semantic_seg": semantic,
         }
+        if fast:
+            out["pred_masks"] = self.mask_decoder.fast(dec["hidden"], image["terms"], enc, prompt, bias, (g, g))
+        else:
+            out["pred_masks"], out["semantic_seg"] = self.mask_decoder(dec["hidden"], image["fpn"], enc, prompt, bias)
+        return out
+
+    def detect_fast(self, image, prompt, prompt_mask):
+        return self.detect(image, prompt, prompt_mask, fast=True)
 
     def __call__(self, pixel_values, input_ids, attention_mask):
         """Full forward, same inputs/outputs as transformers' Sam3Model (text prompts)."""
@@ -148,6 +152,9 @@ class Sam3:
 
     def detect(self, image: dict, prompt, prompt_mask) -> dict:
         return self._jitted("detect")(self.params, image, prompt, jnp.asarray(prompt_mask))
+
+    def detect_fast(self, image: dict, prompt, prompt_mask) -> dict:
+        return self._jitted("detect_fast")(self.params, image, prompt, jnp.asarray(prompt_mask))
 
     @property
     def num_params(self) -> int:
