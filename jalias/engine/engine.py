@@ -82,7 +82,7 @@ class Engine:
         self.is_negative = np.zeros(len(images), bool) if negative is None else np.asarray(negative, bool)
         if self.is_negative.shape != (len(images),):
             raise ValueError("negative flags must have one entry per image")
-        self.devices = list(devices) if devices is not None else jax.devices()
+        self.devices = list(devices) if devices is not None else jax.local_devices()
         self.mesh = Mesh(np.array(self.devices), ("cand",))
         self.gts = [self._check_gt(m, i) for i, m in enumerate(gt_masks)]
         self.contexts = self._image_contexts(images, cache_dir)
