@@ -1,0 +1,61 @@
+"""Alias search methods behind one interface (see base.py); one file per method.
+
+    from jalias.search import run_search, SearchConfig
+    result = run_search("gcg", engine, SearchConfig(budget=50_000, seed=0))
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from jalias.search import evolution, gcg, local, soft
+from jalias.search.base import (
+    GRAD_COST,
+    Budget,
+    Candidate,
+    HalvingConfig,
+    ScoringEngine,
+    SearchConfig,
+    SearchResult,
+    objective,
+    train_iou,
+)
+from jalias.search.evolution import EvolutionConfig
+from jalias.search.gcg import GCGConfig
+from jalias.search.local import LocalConfig
+from jalias.search.soft import SoftConfig
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config_cls: type
+    run: Callable[..., SearchResult]
+
+
+METHODS: dict[str, Method] = {
+    "evolution": Method("evolution", EvolutionConfig, evolution.run),
+    "local": Method("local", LocalConfig, local.run),
+    "gcg": Method("gcg", GCGConfig, gcg.run),
+    "soft": Method("soft", SoftConfig, soft.run),
+}
+
+
+def run_search(method: str, engine: ScoringEngine, config: Any = None, *,
+               on_checkpoint: Optional[Callable[[dict], None]] = None,
+               resume_state: Optional[dict] = None) -> SearchResult:
+    """Run one search method by name.
+
+    config: None (defaults), a dict of fields, the method's own config, or a plain SearchConfig (its common
+    fields; the method's own fields keep their defaults). on_checkpoint(state) gets a JSON-serialisable dict
+    after every iteration; pass such a dict back as resume_state to continue exactly where it was taken.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown search method {method!r}; choose from {', '.join(METHODS)}")
+    return METHODS[method].run(engine, config, on_checkpoint=on_checkpoint, resume_state=resume_state)
+
+
+__all__ = [
+    "GRAD_COST", "Budget", "Candidate", "EvolutionConfig", "GCGConfig", "HalvingConfig", "LocalConfig", "METHODS",
+    "Method", "ScoringEngine", "SearchConfig", "SearchResult", "SoftConfig", "objective", "run_search", "train_iou",
+]
