@@ -1,5 +1,40 @@
-"""jalias: search SAM3 prompt-token "aliases" with a JAX/Flax engine."""
+"""jalias: search SAM3 prompt-token "aliases" with a JAX/Flax engine.
+
+    import jalias
+    model = jalias.load("tiny")                        # or a converted checkpoint / HF dir / sam3.pt
+    engine = jalias.Engine(model, images, gt_masks)    # engine.score(ids[N, L]) -> IoU float32[N, K]
+    jalias.demo()                                      # the `jalias demo` pipeline
+    jalias.search_dataset("weights/sam3", "ann.json", "images/", categories=["kiwi"], budget=20_000)
+
+Everything except the tokenizer is imported on first use, so `import jalias` stays light (no jax import).
+"""
+
+from importlib import import_module
 
 from jalias.tokenizer import detokenize, tokenize
 
-__all__ = ["tokenize", "detokenize"]
+# public name -> module it lives in (imported lazily by __getattr__)
+_LAZY = {
+    "from_torch": "jalias.weights",
+    "load": "jalias.weights",
+    "convert": "jalias.weights",
+    "Engine": "jalias.engine",
+    "demo": "jalias.runs",
+    "search_dataset": "jalias.runs",
+    "evaluate_prompt": "jalias.runs",
+    "export_run": "jalias.runs",
+}
+
+__all__ = ["tokenize", "detokenize", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value  # cache: later lookups skip __getattr__
+        return value
+    raise AttributeError(f"module 'jalias' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -91,7 +91,7 @@ class Engine:
         self.chunk_size = self._round_chunk(chunk_size or self._auto_chunk())
         self._jit_text = jax.jit(self._text_fn, static_argnames=("prefix",))
         self._jit_iou = jax.jit(self._iou_fn, static_argnames=("batch",))
-        self._jit_soft = jax.jit(jax.value_and_grad(self._soft_loss_fn), static_argnames=())
+        self._jit_soft = jax.jit(jax.value_and_grad(self._soft_loss_fn))
 
     # ------------------------------------------------------------------------------------------------------------
     # setup
@@ -198,15 +198,18 @@ class Engine:
 
         return jax.lax.map(one, (ctx, gt)).T
 
-    def _soft_loss_fn(self, embeds, params, weights, negative_weight):
-        """embeds [L, Ct] continuous content-token embeddings -> 1 - soft objective (scalar)."""
+    def _soft_loss_fn(self, embeds, params, weights, negative_weight, soft):
+        """embeds [L, Ct] continuous content-token embeddings -> 1 - soft objective (scalar).
+
+        soft: {"ctx": stacked image contexts [K, ...], "gt": [K, m, m] area-resized GT, "neg": bool [K]} — passed
+        as an argument (not closed over) so images are not baked into the compiled program.
+        """
         length = embeds.shape[0]
         ids, mask = scoring.layout_prompts(np.zeros((1, length), np.int32))
         table = self.model.apply("token_table", params=params)
         tok = table[jnp.asarray(ids[0])].astype(embeds.dtype)
         tok = tok.at[1:1 + length].set(embeds)[None]
         prompt, _ = self.model.apply("encode_text", tok.astype(self.model.dtype), jnp.asarray(mask), params=params)
-        soft = self._soft
 
         def one(args):
             c, g, neg = args
@@ -305,12 +308,13 @@ class Engine:
     def soft_loss(self, embeds, images=None, negative_weight: float | None = None) -> jax.Array:
         """Differentiable loss (1 - soft objective) of continuous content embeddings [L, Ct]."""
         nw = self.negative_weight if negative_weight is None else negative_weight
-        return self._soft_loss_fn(embeds, self.model.params, self._weights(images), nw)
+        return self._soft_loss_fn(embeds, self.model.params, self._weights(images), nw, self._soft)
 
     def soft_loss_and_grad(self, embeds, images=None, negative_weight: float | None = None):
         """-> (loss float, grad [L, Ct]) via one jitted value_and_grad call."""
         nw = self.negative_weight if negative_weight is None else negative_weight
-        loss, grad = self._jit_soft(jnp.asarray(embeds, jnp.float32), self.model.params, self._weights(images), nw)
+        loss, grad = self._jit_soft(jnp.asarray(embeds, jnp.float32), self.model.params, self._weights(images), nw,
+                                    self._soft)
         k = self.n_images if images is None else len(images)
         self.evals += GRAD_COST * k
         return float(loss), grad

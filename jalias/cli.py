@@ -1,0 +1,244 @@
+"""The `jalias` command: demo, search, eval, export, convert (thin wrappers over jalias.runs / jalias.weights).
+
+Heavy modules (jax, the model) are imported inside the commands so that `jalias --help` stays instant.
+Errors print one line on stderr ("error: ...") and exit with status 1; Ctrl-C / SIGTERM exit with 130 after the
+search state has been saved (continue with --resume).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Search SAM3 prompt-token aliases that segment out-of-distribution objects better than "
+                       "their natural label.")
+
+METHOD_HELP = "search method: gcg | soft | local | evolution"
+
+
+def _fail(msg: str, code: int = 1):
+    typer.echo(f"error: {' '.join(str(msg).split())}", err=True)
+    raise typer.Exit(code)
+
+
+def _sigterm_as_interrupt():
+    """SIGTERM -> KeyboardInterrupt, so a killed search saves its state like Ctrl-C does."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not in the main thread (e.g. some test runners)
+        pass
+
+
+def _handled(fn: Callable) -> Callable:
+    """One-line errors and clean exit codes for a command."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .runs import RunError
+
+        _sigterm_as_interrupt()
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except KeyboardInterrupt:
+            typer.echo("interrupted: progress saved; run the same command with --resume to continue", err=True)
+            raise typer.Exit(130)
+        except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, RunError, ImportError) as e:
+            _fail(str(e))
+    return wrapper
+
+
+def _categories(value: Optional[str]) -> Optional[list[str]]:
+    if value is None or value.strip().lower() in ("", "all"):
+        return None
+    cats = [c.strip() for c in value.split(",") if c.strip()]
+    if not cats:
+        raise ValueError(f"no category names in --categories {value!r}")
+    return cats
+
+
+def _options(items: Optional[List[str]]) -> dict:
+    """["search_width=64", "keep_if_better=true"] -> {"search_width": 64, "keep_if_better": True}."""
+    out = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out[key.strip()] = value
+    return out
+
+
+def _tokens(value: str) -> list[int]:
+    try:
+        return [int(t) for t in value.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise ValueError(f"--tokens expects comma-separated integer ids, got {value!r}") from None
+
+
+def _console():
+    from rich.console import Console
+
+    console = Console()
+    # piped / captured output: rich would wrap tables at 80 columns; a wide table is easier to read and grep
+    return console if console.is_terminal else Console(width=160)
+
+
+def _print_results(summary: dict, out: Path, title: str) -> None:
+    from .runs import results_table
+
+    console = _console()
+    console.print(results_table(summary, title))
+    report = out / "report.html"
+    if report.exists():
+        console.print(f"report: {report}")
+    console.print(f"results: {out / 'all_results.json'}")
+
+
+@app.command()
+@_handled
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="run directory"),
+    budget: int = typer.Option(1000, help="candidate-image evaluations per concept"),
+    method: str = typer.Option("gcg", help=METHOD_HELP),
+    seed: int = typer.Option(0, help="search and dataset seed"),
+    resume: bool = typer.Option(False, help="continue an interrupted demo run"),
+    no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar"),
+):
+    """End to end on the embedded tiny model and generated out-of-distribution concepts (no downloads)."""
+    from . import runs
+
+    summary = runs.demo(out=out, budget=budget, method=method, seed=seed, resume=resume,
+                        progress=not no_progress, note=lambda m: typer.echo(f"note: {m}", err=True))
+    _print_results(summary, out, f"jalias demo ({method}, {budget} evaluations per concept)")
+
+
+@app.command()
+@_handled
+def search(
+    weights: str = typer.Option(..., help="checkpoint: converted Orbax dir, HF dir, .safetensors, .pt, or 'tiny'"),
+    annotations: Path = typer.Option(..., help="COCO instances JSON"),
+    images: Path = typer.Option(..., help="folder of the images named in the annotations"),
+    categories: str = typer.Option("all", help="comma-separated category names, or 'all'"),
+    method: str = typer.Option("gcg", help=METHOD_HELP),
+    budget: int = typer.Option(10_000, help="candidate-image evaluations per category"),
+    length: int = typer.Option(4, help="alias length in tokens"),
+    max_images: int = typer.Option(10, help="positive images per category (and size of the negative pool)"),
+    heldout: float = typer.Option(0.3, help="fraction of images held out of the search (0: none)"),
+    negatives: int = typer.Option(0, help="images without the category added per category (GT empty)"),
+    seed: int = typer.Option(0, help="search and split seed"),
+    out: Path = typer.Option(Path("runs/search"), help="run directory"),
+    resume: bool = typer.Option(False, help="continue the run in --out (same settings)"),
+    overwrite: bool = typer.Option(False, help="replace a previous run in --out"),
+    chunk_size: Optional[int] = typer.Option(None, help="candidates per compiled step (default: from memory)"),
+    init: str = typer.Option("random", help="start from 'random' tokens or the 'label'"),
+    negative_weight: float = typer.Option(0.5, help="weight of false detections on negative images"),
+    dtype: str = typer.Option("float32", help="compute dtype: float32 | bfloat16"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="method option KEY=VALUE, e.g. search_width=64"),
+    checkpoint_every: float = typer.Option(5.0, help="seconds between search-state checkpoints"),
+    no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar"),
+):
+    """Search an alias for each category of a COCO dataset (label baseline, search, held-out evaluation)."""
+    from . import runs
+
+    summary = runs.search_dataset(
+        weights, annotations, images, categories=_categories(categories), method=method, budget=budget,
+        length=length, max_images=max_images, heldout=heldout, negatives=negatives, seed=seed, out=out,
+        resume=resume, overwrite=overwrite, chunk_size=chunk_size, init=init, negative_weight=negative_weight,
+        dtype=dtype, options=_options(set_), checkpoint_every=checkpoint_every, progress=not no_progress)
+    _print_results(summary, out, f"jalias search ({method}, {budget} evaluations per category)")
+
+
+@app.command("eval")
+@_handled
+def eval_(
+    weights: str = typer.Option(..., help="checkpoint (as for search)"),
+    annotations: Path = typer.Option(..., help="COCO instances JSON"),
+    images: Path = typer.Option(..., help="images folder"),
+    prompt: Optional[str] = typer.Option(None, help="text prompt"),
+    tokens: Optional[str] = typer.Option(None, help="comma-separated content token ids, e.g. 1234,567"),
+    categories: str = typer.Option("all", help="comma-separated category names, or 'all'"),
+    max_images: Optional[int] = typer.Option(None, help="images per category (default: all)"),
+    negatives: int = typer.Option(0, help="negative images per category"),
+    chunk_size: Optional[int] = typer.Option(None, help="candidates per compiled step"),
+    dtype: str = typer.Option("float32", help="compute dtype: float32 | bfloat16"),
+    json_out: Optional[str] = typer.Option(None, "--json", help="also write the results as JSON to this file "
+                                                                "('-': print JSON instead of the table)"),
+):
+    """IoU of one prompt (text or token ids) per image, and the mean, for each category."""
+    from rich.table import Table
+
+    from . import runs
+
+    if (prompt is None) == (tokens is None):
+        raise ValueError("give exactly one of --prompt or --tokens")
+    res = runs.evaluate_prompt(weights, annotations, images, prompt=prompt,
+                               tokens=_tokens(tokens) if tokens is not None else None,
+                               categories=_categories(categories), max_images=max_images, negatives=negatives,
+                               chunk_size=chunk_size, dtype=dtype)
+    if json_out == "-":
+        typer.echo(json.dumps(res, indent=1))
+        return
+    table = Table(title=f"prompt {res['prompt']!r} (ids {res['ids']})")
+    for col in ("category", "image", "IoU"):
+        table.add_column(col, justify="right" if col == "IoU" else "left")
+    for name, c in res["categories"].items():
+        for im in c["images"]:
+            table.add_row(name, im["image_id"] + (" (negative)" if im["negative"] else ""), f"{im['iou']:.3f}")
+        table.add_row(name, "[b]mean[/b]", f"[b]{runs._fmt(c['mean_iou'])}[/b]", end_section=True)
+    table.add_row("[b]all[/b]", "mean of category means", f"[b]{runs._fmt(res['mean_iou'])}[/b]")
+    _console().print(table)
+    if json_out:
+        runs.write_json_atomic(json_out, res)
+
+
+@app.command()
+@_handled
+def export(
+    run_dir: Path = typer.Argument(..., help="a run directory written by `jalias search` or `jalias demo`"),
+    out: Optional[Path] = typer.Option(None, help="output folder (default RUN_DIR/export)"),
+    no_pred_masks: bool = typer.Option(False, "--no-pred-masks", help="leave out every query's mask logits"),
+):
+    """Teacher targets of a run: alias ids, text features, and per-image masks / logits (.npz + index.json)."""
+    from . import runs
+
+    if not (run_dir / "run.json").exists():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no run.json)")
+    path = runs.export_run(run_dir, out, full_masks=not no_pred_masks)
+    index = json.loads(path.read_text())
+    typer.echo(f"exported {len(index['categories'])} categories to {path.parent} (index: {path})")
+
+
+@app.command()
+@_handled
+def convert(
+    src: str = typer.Argument(..., help="HF dir, .safetensors, .bin, Meta sam3.pt, or a jalias checkpoint"),
+    dst: Path = typer.Argument(..., help="output checkpoint directory"),
+    dtype: str = typer.Option("float32", help="stored dtype: float32 | bfloat16"),
+    overwrite: bool = typer.Option(False, help="replace DST if it exists"),
+):
+    """Convert a SAM3 checkpoint to a jalias (Orbax) checkpoint."""
+    from .weights.convert import convert_command
+
+    convert_command(src, str(dst), dtype=dtype, overwrite=overwrite)
+
+
+def main() -> None:  # pragma: no cover - console entry point alternative
+    app(prog_name="jalias")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""Model outputs of a prompt on an image (`predict`, also used for report overlays) and teacher-target export.
+
+`jalias export RUN_DIR` writes, for every finished category of a run, the alias and what SAM3 does with it, as
+targets for distilling the alias into another model. Output folder (default RUN_DIR/export/):
+
+    index.json          {"format": "jalias.export", "version": 1, "run_dir", "weights", "threshold",
+                         "model": {"image_size", "mask_size" (m), "num_queries" (Q), "text_width" (Ct),
+                                   "prompt_width" (D), "context_length" (T)},
+                         "keys": {npz key: description}, "categories": [{"category", "file", "label",
+                         "alias_ids", "alias_text", "n_images", "alias_iou_search", "alias_iou_heldout"}]}
+    <category>.npz     one per category (numpy .npz, no pickled objects), with K = images of the category in the
+                        run (search positives, search negatives, held-out positives, held-out negatives, in that
+                        order), L = alias tokens, T = 32 context positions, Q queries, m = 4 * ViT grid:
+
+      alias_ids         int32[L]         alias content token ids (no start/end token)
+      label_ids         int32[Ll]        the natural label's content token ids
+      input_ids         int32[T]         the alias laid out as SAM3's prompt: START ids END PAD...
+      attention_mask    int32[T]         1 on START..END
+      prompt_features   float32[T, D]    text encoder output after text_projection (what the detector reads;
+                                         rows where attention_mask == 0 are padding)
+      token_embeddings  float32[L, Ct]   CLIP token embeddings of alias_ids (before position embeddings)
+      image_ids         str[K]           COCO file_name of each image
+      split             str[K]           "search" | "heldout"
+      is_negative       bool[K]          image without the category (its ground truth is empty)
+      iou               float32[K]       IoU of the alias's predicted mask with the ground truth
+      pred_logits       float32[K, Q]    per-query class logits
+      presence_logits   float32[K, 1]    image-level presence logit
+      scores            float32[K, Q]    sigmoid(pred_logits) * sigmoid(presence_logits)
+      keep              bool[K, Q]       scores > threshold: the queries whose masks form the prediction
+      pred_boxes        float32[K, Q, 4] boxes, xyxy normalised to [0, 1]
+      union_logits      float32[K, m, m] max over kept queries of their mask logits (UNION_FLOOR where none kept)
+      semantic_logits   float32[K, m, m] SAM3's semantic segmentation head logits
+      pred_masks        float16[K, Q, m, m]  every query's mask logits (left out with full_masks=False)
+      mask_000, ...     bool[H_i, W_i]   predicted mask at image resolution (union of kept queries' upsampled
+                                         logits > 0; the mask the IoU is computed on), one key per image
+
+The run directory records what is needed to rebuild these inputs: run.json (weights, annotations, images folder,
+settings) and each <category>.json (the image ids of every split).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+UNION_FLOOR = -20.0  # union_logits where no query is kept: sigmoid(-20) ~ 2e-9, "certainly background"
+EXPORT_FORMAT = "jalias.export"
+EXPORT_VERSION = 1
+
+KEYS = {
+    "alias_ids": "int32[L] alias content token ids (no start/end token)",
+    "label_ids": "int32[Ll] natural label content token ids",
+    "input_ids": "int32[T] alias prompt layout START ids END PAD...",
+    "attention_mask": "int32[T] 1 on START..END",
+    "prompt_features": "float32[T, D] text features after text_projection",
+    "token_embeddings": "float32[L, Ct] CLIP token embeddings of alias_ids",
+    "image_ids": "str[K] image file names",
+    "split": "str[K] 'search' | 'heldout'",
+    "is_negative": "bool[K] image without the category",
+    "iou": "float32[K] IoU of the alias's predicted mask with the ground truth",
+    "pred_logits": "float32[K, Q] query class logits",
+    "presence_logits": "float32[K, 1] presence logit",
+    "scores": "float32[K, Q] sigmoid(pred_logits) * sigmoid(presence_logits)",
+    "keep": "bool[K, Q] scores > threshold",
+    "pred_boxes": "float32[K, Q, 4] xyxy boxes in [0, 1]",
+    "union_logits": f"float32[K, m, m] max over kept queries of mask logits ({UNION_FLOOR} where none kept)",
+    "semantic_logits": "float32[K, m, m] semantic segmentation logits",
+    "pred_masks": "float16[K, Q, m, m] every query's mask logits (optional)",
+    "mask_###": "bool[H_i, W_i] predicted mask of image i at its resolution",
+}
+
+_UNION_FN = None
+
+
+def _union_fn():
+    """jit(vmap(scoring.predicted_mask)) over prompts, built on first use (keeps `import jalias.export` light)."""
+    global _UNION_FN
+    if _UNION_FN is None:
+        import jax
+
+        from .engine import scoring
+
+        _UNION_FN = jax.jit(jax.vmap(scoring.predicted_mask, in_axes=(0, 0, None, None)))
+    return _UNION_FN
+
+
+def layout(prompts: Sequence[Sequence[int]], context: int) -> tuple[np.ndarray, np.ndarray]:
+    """N content-id sequences (any lengths) -> (input_ids int32[N, T], attention_mask int32[N, T])."""
+    from .engine import scoring
+
+    rows = [scoring.layout_prompts(np.asarray(p, np.int32).reshape(1, -1), context) for p in prompts]
+    return np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows])
+
+
+def predict(model, image: np.ndarray, prompts: Sequence[Sequence[int]], threshold: float = 0.5,
+            context: dict | None = None, mask_shape: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """SAM3 outputs of N prompts on one image, with the engine's prediction rule (jalias.engine.scoring).
+
+    image: uint8[H, W, 3]; prompts: N sequences of content token ids; context: the image's cached context
+    (e.g. `engine.contexts[i]`) to skip the image encoder; mask_shape: (H', W') of the predicted masks
+    (default the image's). Returns numpy arrays: masks bool[N, H', W'], pred_masks float32[N, Q, m, m],
+    pred_logits [N, Q], presence_logits [N, 1], scores [N, Q], keep bool[N, Q], pred_boxes [N, Q, 4],
+    semantic_logits [N, m, m], union_logits [N, m, m].
+    """
+    import jax.numpy as jnp
+
+    from .engine import scoring
+    from .model.preprocess import preprocess
+
+    cfg = model.config
+    input_ids, mask = layout(prompts, cfg.context_length)
+    if context is None:
+        context = model.encode_image(preprocess(image, cfg.image_size))
+    prompt = model.encode_text(input_ids, mask)
+    out = model.detect(context, prompt, mask)
+    keep = scoring.query_keep(out["pred_logits"], out["presence_logits"], threshold)
+    m = out["pred_masks"].shape[-1]
+    h, w = mask_shape if mask_shape is not None else image.shape[:2]
+    rows = jnp.asarray(scoring.bilinear_matrix(h, m))
+    cols = jnp.asarray(scoring.bilinear_matrix(w, m))
+    masks = _union_fn()(out["pred_masks"], keep, rows, cols)
+    pred_masks = np.asarray(out["pred_masks"], np.float32)
+    keep = np.asarray(keep)
+    union = np.where(keep[:, :, None, None], pred_masks, -np.inf).max(axis=1)
+    union = np.where(np.isfinite(union), union, UNION_FLOOR).astype(np.float32)
+    scores = (_sigmoid(np.asarray(out["pred_logits"], np.float32))
+              * _sigmoid(np.asarray(out["presence_logits"], np.float32)))
+    return {
+        "masks": np.asarray(masks, bool),
+        "pred_masks": pred_masks,
+        "pred_logits": np.asarray(out["pred_logits"], np.float32),
+        "presence_logits": np.asarray(out["presence_logits"], np.float32),
+        "scores": scores.astype(np.float32),
+        "keep": keep,
+        "pred_boxes": np.asarray(out["pred_boxes"], np.float32),
+        "semantic_logits": np.asarray(out["semantic_seg"], np.float32)[:, 0],
+        "union_logits": union,
+    }
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def text_targets(model, ids: Sequence[int]) -> dict[str, np.ndarray]:
+    """Alias content ids [L] -> input_ids int32[T], attention_mask int32[T], prompt_features float32[T, D],
+    token_embeddings float32[L, Ct]."""
+    input_ids, mask = layout([ids], model.config.context_length)
+    feats = np.asarray(model.encode_text(input_ids, mask), np.float32)[0]
+    emb = np.asarray(model.apply("embed_tokens", np.asarray(ids, np.int32)[None]), np.float32)[0]
+    return {"input_ids": input_ids[0], "attention_mask": mask[0], "prompt_features": feats, "token_embeddings": emb}
+
+
+def export_category(model, path: str | os.PathLike, alias_ids: Sequence[int], label_ids: Sequence[int],
+                    images: Sequence[np.ndarray], gts: Sequence[np.ndarray], image_ids: Sequence[str],
+                    split: Sequence[str], is_negative: Sequence[bool], threshold: float = 0.5,
+                    full_masks: bool = True) -> dict[str, Any]:
+    """Write one category's `.npz` (keys in the module docstring); returns {"n_images", "iou"}.
+
+    images: K uint8[H_i, W_i, 3]; gts: K bool[H_i, W_i] ground truth (all False for negatives).
+    """
+    from .data import iou as mask_iou
+
+    k = len(images)
+    per: dict[str, list] = {key: [] for key in ("pred_logits", "presence_logits", "scores", "keep", "pred_boxes",
+                                                "union_logits", "semantic_logits", "pred_masks")}
+    arrays: dict[str, np.ndarray] = {}
+    ious = np.zeros(k, np.float32)
+    for i, (img, gt) in enumerate(zip(images, gts)):
+        out = predict(model, img, [alias_ids], threshold, mask_shape=np.asarray(gt).shape)
+        for key in per:
+            per[key].append(out[key][0])
+        arrays[f"mask_{i:03d}"] = out["masks"][0]
+        ious[i] = float(mask_iou(out["masks"][0], np.asarray(gt, bool)))
+    for key, vals in per.items():
+        if key == "pred_masks" and not full_masks:
+            continue
+        arrays[key] = np.stack(vals)
+    if full_masks:
+        arrays["pred_masks"] = arrays["pred_masks"].astype(np.float16)
+    arrays.update(text_targets(model, alias_ids))
+    arrays.update(
+        alias_ids=np.asarray(alias_ids, np.int32),
+        label_ids=np.asarray(label_ids, np.int32),
+        image_ids=np.asarray([str(s) for s in image_ids]),
+        split=np.asarray([str(s) for s in split]),
+        is_negative=np.asarray(is_negative, bool),
+        iou=ious,
+    )
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+    return {"n_images": k, "iou": ious}
+
+
+def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, full_masks: bool = True,
+               model=None) -> Path:
+    """Export every finished category of a run directory (see module docstring); returns the index.json path.
+
+    The model, images and ground truth are rebuilt from what the run recorded (run.json, <category>.json).
+    model: an already loaded model for the run's weights (default: load them).
+    """
+    from . import runs
+
+    run = runs.RunDir(run_dir)
+    settings = run.read_settings()
+    finished = run.finished_results()
+    if not finished:
+        raise ValueError(f"{run.path} has no finished category to export (run `jalias search` first)")
+    out = Path(out) if out is not None else run.path / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    if model is None:
+        model, _ = runs.load_model(settings.weights, settings.dtype)
+    cfg = model.config
+    entries = []
+    for res in finished:
+        inputs = runs.rebuild_inputs(settings, res)
+        file = f"{res['slug']}.npz"
+        info = export_category(model, out / file, res["alias_ids"], res["label_ids"], inputs["images"],
+                               inputs["gts"], inputs["image_ids"], inputs["split"], inputs["is_negative"],
+                               settings.threshold, full_masks)
+        entries.append({
+            "category": res["category"], "file": file, "label": res["label"], "alias_ids": res["alias_ids"],
+            "alias_text": res["alias_text"], "n_images": info["n_images"],
+            "alias_iou_search": res["alias_iou_search"], "alias_iou_heldout": res["alias_iou_heldout"],
+        })
+    grid = cfg.vision.backbone.grid
+    index = {
+        "format": EXPORT_FORMAT,
+        "version": EXPORT_VERSION,
+        "run_dir": str(run.path.resolve()),
+        "weights": settings.weights,
+        "threshold": settings.threshold,
+        "full_masks": full_masks,
+        "model": {"image_size": cfg.image_size, "mask_size": 4 * grid, "num_queries": cfg.decoder.num_queries,
+                  "text_width": cfg.text.hidden_size, "prompt_width": cfg.encoder.hidden_size,
+                  "context_length": cfg.context_length},
+        "keys": {k: v for k, v in KEYS.items() if full_masks or k != "pred_masks"},
+        "categories": entries,
+    }
+    path = out / "index.json"
+    runs.write_json_atomic(path, index)
+    return path
+
+
+def read_index(path: str | os.PathLike) -> dict:
+    """index.json of an export folder (or the folder itself) -> dict."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "index.json"
+    return json.loads(path.read_text())

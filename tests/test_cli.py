@@ -1,0 +1,429 @@
+"""The `jalias` command end to end (typer's CliRunner) on the embedded tiny model and small generated datasets.
+
+Covers: demo (report files and JSON contents), search on a COCO set written by `write_coco` (polygons and RLE),
+resume after a simulated kill == uninterrupted run, one-line errors with exit code 1 (missing / corrupt image,
+unknown category, category without masks, weights mismatch, out of memory), eval with --prompt and --tokens,
+export (.npz + index.json keys and shapes), convert. Searches use tiny budgets; every engine in this file sees
+64x64 images, so compiled programs are shared through JAX's persistent cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from jalias import runs
+from jalias.cli import app
+from jalias.data import iou as mask_iou, load_coco, make_dataset, write_coco
+from jalias.tokenizer import detokenize, encode
+
+RUNNER = CliRunner()
+CONCEPTS = ["striped_blob", "dotted_ring"]
+# local search, 16 candidates per step: no gradient program to compile, several steps within the budget
+SEARCH_ARGS = ["--method", "local", "--budget", "120", "--length", "3", "--max-images", "4", "--heldout", "0.25",
+               "--negatives", "2", "--set", "n_candidates=16", "--no-progress"]
+
+
+def invoke(*args, env=None):
+    return RUNNER.invoke(app, [str(a) for a in args], env=env)
+
+
+def ok(result):
+    assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
+    return result
+
+
+def error_line(result) -> str:
+    """The command failed cleanly: exit code 1 and exactly one 'error: ...' line on stderr."""
+    assert result.exit_code == 1, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory):
+    """A COCO dataset of two synthetic concepts, 5 images each (64x64)."""
+    root = tmp_path_factory.mktemp("coco")
+    ann, images = write_coco(make_dataset(5, 64, CONCEPTS, seed=1), root)
+    return Path(ann), Path(images)
+
+
+@pytest.fixture(scope="module")
+def reference_run(coco, tmp_path_factory):
+    """An uninterrupted search run over both categories."""
+    ann, images = coco
+    out = tmp_path_factory.mktemp("ref") / "run"
+    ok(invoke("search", "--weights", "tiny", "--annotations", ann, "--images", images, "--out", out, *SEARCH_ARGS))
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    result = ok(invoke("demo", "--out", out, "--budget", "150", "--no-progress"))
+    return out, result
+
+
+# ---- demo -------------------------------------------------------------------------------------------------------
+def test_demo_writes_report_and_sane_results(demo_run):
+    out, result = demo_run
+    for name in ("report.json", "report.html", "all_results.json", "log.txt", "run.json", "curves.png"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "all_results.json").read_text())
+    assert list(summary["categories"]) == list(runs.DEMO_CONCEPTS)
+    assert summary["finished"] == summary["total"] == 3
+    for name, row in summary["categories"].items():
+        res = json.loads((out / f"{row['slug']}.json").read_text())
+        assert res["status"] == "done" and res["category"] == name
+        assert (out / res["overlay"]).is_file()
+        assert 0 < res["evals"] <= 150
+        assert res["label_ids"] == encode(res["label"])
+        assert len(res["alias_ids"]) == 4 and detokenize(res["alias_ids"]) == res["alias_text"]
+        assert res["alias_text"].isascii()  # the demo proposes ASCII word pieces only
+        for key in ("label_iou_search", "label_iou_heldout", "alias_iou_search", "alias_iou_heldout"):
+            assert 0.0 <= res[key] <= 1.0, key
+        # split: 6 positives -> 4 search + 2 held-out; 2 negatives -> 1 + 1; no image in both
+        imgs = res["images"]
+        assert (len(imgs["search"]), len(imgs["heldout"])) == (4, 2)
+        assert (len(imgs["search_negatives"]), len(imgs["heldout_negatives"])) == (1, 1)
+        assert not set(imgs["search"]) & set(imgs["heldout"])
+        # aggregates are the means of the per-image values over positives
+        per = res["per_image"]["search"]
+        assert res["alias_iou_search"] == pytest.approx(np.mean([p["alias_iou"] for p in per if not p["negative"]]))
+        assert res["label_iou_heldout"] == pytest.approx(
+            np.mean([p["label_iou"] for p in res["per_image"]["heldout"] if not p["negative"]]))
+        # the reported alias is the search's best candidate, re-scored on the same images
+        assert res["candidates"][0]["ids"] == res["alias_ids"]
+        assert res["alias_iou_search"] == pytest.approx(res["candidates"][0]["train_iou"], abs=1e-4)
+        assert res["history"][-1][0] <= res["evals"]
+    report = json.loads((out / "report.json").read_text())
+    assert [r["category"] for r in report["rows"]] == list(runs.DEMO_CONCEPTS)
+    html = (out / "report.html").read_text()
+    assert "src='curves.png'" in html and "src='overlays/striped_blob.png'" in html
+    links = re.findall(r"(?:src|href)='([^'#]+)'", html)
+    assert links and all(not link.startswith("/") and (out / link).is_file() for link in links)  # relative, present
+    # the table on stdout
+    assert "striped_blob" in result.stdout and "alias IoU" in result.stdout
+
+
+def test_overlay_masks_match_engine_iou(demo_run):
+    """The overlay/export prediction path gives the engine's IoU for the same image and prompt."""
+    from jalias.export import predict
+
+    out, _ = demo_run
+    settings = runs.RunDir(out).read_settings()
+    res = json.loads((out / "striped_blob.json").read_text())
+    model, _ = runs.load_model(settings.weights)
+    inputs = runs.rebuild_inputs(settings, res)
+    per = {p["image_id"]: p for p in res["per_image"]["search"] + res["per_image"]["heldout"]}
+    for img, gt, iid in list(zip(inputs["images"], inputs["gts"], inputs["image_ids"]))[:4]:
+        pred = predict(model, img, [res["label_ids"], res["alias_ids"]], mask_shape=gt.shape)
+        assert pred["masks"].shape == (2, *gt.shape)
+        assert float(mask_iou(pred["masks"][0], gt)) == pytest.approx(per[iid]["label_iou"], abs=2e-3)
+        assert float(mask_iou(pred["masks"][1], gt)) == pytest.approx(per[iid]["alias_iou"], abs=2e-3)
+
+
+def test_tiny_fallback_equals_embedded_checkpoint():
+    if not runs.embedded_tiny_path().exists():
+        pytest.skip("weights/tiny not present")
+    stored, _ = runs.load_model("tiny")
+    built = runs.tiny_model()
+    a = {k: np.asarray(v) for k, v in _flat(stored.params).items()}
+    b = {k: np.asarray(v) for k, v in _flat(built.params).items()}
+    assert a.keys() == b.keys()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _flat(tree, prefix=""):
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}/"))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+# ---- search -----------------------------------------------------------------------------------------------------
+def test_search_on_coco(coco, reference_run):
+    ann, _ = coco
+    data = json.loads(ann.read_text())
+    segs = [a["segmentation"] for a in data["annotations"]]
+    assert any(isinstance(s, list) for s in segs) and any(isinstance(s, dict) for s in segs)  # polygons and RLE
+    out = reference_run
+    summary = json.loads((out / "all_results.json").read_text())
+    assert list(summary["categories"]) == CONCEPTS
+    for name in CONCEPTS:
+        res = json.loads((out / f"{name}.json").read_text())
+        assert res["method"] == "local" and res["method_config"]["n_candidates"] == 16
+        assert res["evals"] <= 120 and res["stop_reason"]
+        assert len(res["alias_ids"]) == 3
+        assert (len(res["images"]["search"]), len(res["images"]["heldout"])) == (3, 1)
+        negs = [p for p in res["per_image"]["search"] + res["per_image"]["heldout"] if p["negative"]]
+        assert len(negs) == 2
+        # a negative image's IoU is 1 exactly when nothing is predicted there
+        assert all(p["alias_iou"] in (0.0, 1.0) for p in negs)
+        row = summary["categories"][name]
+        assert row["alias_ids"] == res["alias_ids"] and row["label_iou_heldout"] == res["label_iou_heldout"]
+    log = (out / "log.txt").read_text()
+    assert "new run" in log and "run finished" in log
+    assert (out / "state" / "striped_blob.json").is_file()
+
+
+def test_resume_after_kill_equals_uninterrupted(coco, reference_run, tmp_path):
+    ann, images = coco
+    ref = {n: json.loads((reference_run / f"{n}.json").read_text()) for n in CONCEPTS}
+    first = ref[CONCEPTS[0]]["iterations"]
+    assert ref[CONCEPTS[1]]["iterations"] >= 3
+    out = tmp_path / "run"
+    args = ["search", "--weights", "tiny", "--annotations", ann, "--images", images, "--out", out, *SEARCH_ARGS,
+            "--checkpoint-every", "0"]
+    # die (without saving anything more) after two search iterations of the second category
+    result = invoke(*args, env={runs.KILL_ENV: str(first + 2)})
+    assert isinstance(result.exception, runs.SimulatedKill), result.output
+    assert (out / f"{CONCEPTS[0]}.json").is_file() and not (out / f"{CONCEPTS[1]}.json").exists()
+    state = json.loads((out / "state" / f"{CONCEPTS[1]}.json").read_text())["state"]
+    assert state["iteration"] == 2 and 0 < state["budget"]["used"] < ref[CONCEPTS[1]]["evals"]
+
+    # without --resume the run directory is refused
+    assert "--resume" in error_line(invoke(*args))
+    # resuming with different settings is refused
+    assert "budget" in error_line(invoke(*[a if a != "120" else "130" for a in args], "--resume"))
+
+    ok(invoke(*args, "--resume"))
+    assert f"{CONCEPTS[0]}: finished earlier, skipped" in (out / "log.txt").read_text()
+    keys = ("alias_ids", "alias_text", "label_iou_search", "label_iou_heldout", "alias_iou_search",
+            "alias_iou_heldout", "evals", "iterations", "history", "candidates", "per_image", "images")
+    for n in CONCEPTS:
+        got = json.loads((out / f"{n}.json").read_text())
+        for k in keys:
+            assert got[k] == ref[n][k], (n, k)
+
+
+def test_out_of_memory_halves_chunk_size_then_fails_cleanly(coco, reference_run, tmp_path, monkeypatch):
+    from jalias.engine import Engine
+
+    ann, images = coco
+    real_score = Engine.score
+    calls = {"n": 0}
+
+    def flaky(self, *a, **k):  # the 3rd call (inside the search) runs out of memory once
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB.")
+        return real_score(self, *a, **k)
+
+    monkeypatch.setattr(Engine, "score", flaky)
+    out = tmp_path / "oom"
+    ok(invoke("search", "--weights", "tiny", "--annotations", ann, "--images", images, "--out", out,
+              "--categories", CONCEPTS[0], "--chunk-size", "64", *SEARCH_ARGS))
+    res = json.loads((out / f"{CONCEPTS[0]}.json").read_text())
+    ref = json.loads((reference_run / f"{CONCEPTS[0]}.json").read_text())
+    assert res["chunk_size"] == 32
+    assert "out of memory" in (out / "log.txt").read_text()
+    # the retry continued from the last checkpoint: same search as without the error
+    assert (res["alias_ids"], res["evals"], res["history"]) == (ref["alias_ids"], ref["evals"], ref["history"])
+
+    def always(self, *a, **k):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB.")
+
+    monkeypatch.setattr(Engine, "score", always)
+    line = error_line(invoke("search", "--weights", "tiny", "--annotations", ann, "--images", images,
+                             "--out", tmp_path / "oom2", "--chunk-size", "4", *SEARCH_ARGS))
+    assert "out of device memory" in line and "chunk size 1" in line
+
+
+# ---- errors -----------------------------------------------------------------------------------------------------
+def _copy_coco(coco, dst: Path) -> tuple[Path, Path]:
+    import shutil
+
+    ann, images = coco
+    shutil.copytree(images, dst / "images")
+    shutil.copy(ann, dst / "annotations.json")
+    return dst / "annotations.json", dst / "images"
+
+
+def test_error_missing_image(coco, tmp_path):
+    ann, images = _copy_coco(coco, tmp_path)
+    (images / "dotted_ring_002.png").unlink()
+    line = error_line(invoke("search", "--weights", "tiny", "--annotations", ann, "--images", images,
+                             "--out", tmp_path / "run", *SEARCH_ARGS))
+    assert "image file not found" in line and "dotted_ring_002.png" in line
+
+
+def test_error_corrupt_image_keeps_finished_categories(coco, tmp_path):
+    ann, images = _copy_coco(coco, tmp_path)
+    # an image that only the second category uses
+    first, second = load_coco(ann, images, CONCEPTS, max_images=4)
+    used_by_first = set(first.image_ids) | set(first.negative_ids[:2])
+    victim = next(i for i in second.image_ids if i not in used_by_first)
+    (images / victim).write_bytes(b"this is not a png")
+    out = tmp_path / "run"
+    line = error_line(invoke("search", "--weights", "tiny", "--annotations", ann, "--images", images,
+                             "--out", out, *SEARCH_ARGS))
+    assert "cannot read image file" in line and victim in line
+    summary = json.loads((out / "all_results.json").read_text())
+    assert list(summary["categories"]) == [CONCEPTS[0]] and summary["finished"] == 1
+    assert "error:" in (out / "log.txt").read_text()
+
+
+def test_error_unknown_category(coco, tmp_path):
+    ann, images = coco
+    line = error_line(invoke("search", "--weights", "tiny", "--annotations", ann, "--images", images,
+                             "--out", tmp_path / "run", "--categories", "striped_blob,unicorn", *SEARCH_ARGS))
+    assert "unknown category 'unicorn'" in line
+
+
+def test_error_category_without_masks(coco, tmp_path):
+    ann, images = _copy_coco(coco, tmp_path)
+    data = json.loads(ann.read_text())
+    data["categories"].append({"id": 77, "name": "ghost"})
+    data["annotations"].append({"id": 9999, "image_id": data["images"][0]["id"], "category_id": 77,
+                                "bbox": [1, 1, 5, 5], "area": 25, "iscrowd": 0})  # a box, no segmentation
+    ann.write_text(json.dumps(data))
+    line = error_line(invoke("search", "--weights", "tiny", "--annotations", ann, "--images", images,
+                             "--out", tmp_path / "run", "--categories", "ghost", *SEARCH_ARGS))
+    assert "'ghost' has no segmentation masks" in line
+
+
+def _random_safetensors(dst: Path, drop: str | None = None) -> Path:
+    from safetensors.numpy import save_file
+
+    from jalias.model.config import tiny_config
+    from jalias.model.init import random_params
+    from jalias.weights.mapping import params_to_state_dict
+
+    cfg = tiny_config()
+    sd = params_to_state_dict(random_params(cfg, seed=3))
+    if drop:
+        sd = {k: v for k, v in sd.items() if k != drop}
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
+    save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(dst / "model.safetensors"))
+    return dst / "model.safetensors"
+
+
+def test_error_weights_mismatch(coco, tmp_path):
+    ann, images = coco
+    key = "detr_decoder.query_embed.weight"
+    src = _random_safetensors(tmp_path / "broken", drop=key)
+    line = error_line(invoke("search", "--weights", src, "--annotations", ann, "--images", images,
+                             "--out", tmp_path / "run", *SEARCH_ARGS))
+    assert "missing weight" in line and key in line
+    line = error_line(invoke("search", "--weights", tmp_path / "nowhere", "--annotations", ann, "--images", images,
+                             "--out", tmp_path / "run2", *SEARCH_ARGS))
+    assert "not found" in line
+
+
+def test_error_bad_option(coco, tmp_path):
+    ann, images = coco
+    line = error_line(invoke("search", "--weights", "tiny", "--annotations", ann, "--images", images,
+                             "--out", tmp_path / "run", "--method", "gcg", "--set", "n_candidates=4"))
+    assert "unknown option 'n_candidates' for method gcg" in line
+
+
+# ---- eval -------------------------------------------------------------------------------------------------------
+def test_eval_prompt_and_tokens(coco, reference_run):
+    ann, images = coco
+    common = ["eval", "--weights", "tiny", "--annotations", ann, "--images", images, "--categories",
+              "striped_blob", "--max-images", "4"]
+    by_text = json.loads(ok(invoke(*common, "--prompt", "striped blob", "--json", "-")).stdout)
+    ids = encode("striped blob")
+    by_ids = json.loads(ok(invoke(*common, "--tokens", ",".join(map(str, ids)), "--json", "-")).stdout)
+    assert by_text["ids"] == by_ids["ids"] == ids
+    cat = by_text["categories"]["striped_blob"]
+    assert len(cat["images"]) == 4
+    assert cat == by_ids["categories"]["striped_blob"]
+    ious = [im["iou"] for im in cat["images"]]
+    assert all(0 <= v <= 1 for v in ious) and cat["mean_iou"] == pytest.approx(np.mean(ious))
+    # the same label IoU per image as the search run measured
+    res = json.loads((reference_run / "striped_blob.json").read_text())
+    seen = {p["image_id"]: p["label_iou"] for p in res["per_image"]["search"] + res["per_image"]["heldout"]}
+    for im in cat["images"]:
+        assert im["iou"] == pytest.approx(seen[im["image_id"]], abs=2e-3)
+    table = ok(invoke(*common, "--prompt", "striped blob")).stdout
+    assert "mean" in table and "striped_blob_000.png" in table
+    assert "exactly one" in error_line(invoke(*common))
+    assert "out of range" in error_line(invoke(*common, "--tokens", "49406"))
+
+
+# ---- export -----------------------------------------------------------------------------------------------------
+def test_export_npz_and_index(demo_run, tmp_path):
+    out, _ = demo_run
+    ok(invoke("export", out, "--out", tmp_path / "export"))
+    index = json.loads((tmp_path / "export" / "index.json").read_text())
+    assert index["format"] == "jalias.export" and len(index["categories"]) == 3
+    m, q = index["model"]["mask_size"], index["model"]["num_queries"]
+    t, d, ct = index["model"]["context_length"], index["model"]["prompt_width"], index["model"]["text_width"]
+    for entry in index["categories"]:
+        res = json.loads((out / f"{entry['category']}.json").read_text())
+        with np.load(tmp_path / "export" / entry["file"]) as z:
+            keys = set(z.files)
+            k = len(z["image_ids"])
+            assert k == 8  # 4 + 1 search, 2 + 1 held-out
+            expect = {"alias_ids": (4,), "input_ids": (t,), "attention_mask": (t,), "prompt_features": (t, d),
+                      "token_embeddings": (4, ct), "split": (k,), "is_negative": (k,), "iou": (k,),
+                      "pred_logits": (k, q), "presence_logits": (k, 1), "scores": (k, q), "keep": (k, q),
+                      "pred_boxes": (k, q, 4), "union_logits": (k, m, m), "semantic_logits": (k, m, m),
+                      "pred_masks": (k, q, m, m)}
+            for key, shape in expect.items():
+                assert z[key].shape == shape, key
+            assert {f"mask_{i:03d}" for i in range(k)} <= keys
+            assert set(index["keys"]) - {"mask_###"} <= keys
+            assert z["pred_masks"].dtype == np.float16 and z["keep"].dtype == bool
+            assert list(z["alias_ids"]) == res["alias_ids"] == entry["alias_ids"]
+            assert int(z["attention_mask"].sum()) == 4 + 2
+            # the exported predictions reproduce the run's per-image alias IoUs
+            per = {p["image_id"]: p["alias_iou"] for p in res["per_image"]["search"] + res["per_image"]["heldout"]}
+            for iid, v in zip(z["image_ids"], z["iou"]):
+                assert float(v) == pytest.approx(per[str(iid)], abs=2e-3)
+            neg = z["is_negative"]
+            assert neg.sum() == 2 and list(z["split"]).count("heldout") == 3
+            # union_logits = max over kept queries of the mask logits
+            i = int(np.argmax(z["keep"].sum(1)))
+            if z["keep"][i].any():
+                want = z["pred_masks"][i][z["keep"][i]].astype(np.float32).max(0)
+                np.testing.assert_allclose(z["union_logits"][i], want, atol=2e-2)
+    result = ok(invoke("export", out, "--out", tmp_path / "small", "--no-pred-masks"))
+    assert "exported 3 categories" in result.stdout
+    with np.load(tmp_path / "small" / "striped_blob.npz") as z:
+        assert "pred_masks" not in z.files and "union_logits" in z.files
+    assert "not a run directory" in error_line(invoke("export", tmp_path))
+
+
+# ---- convert, misc ----------------------------------------------------------------------------------------------
+def test_convert_random_checkpoint(tmp_path):
+    from jalias.weights import load
+
+    src = _random_safetensors(tmp_path / "hf")
+    dst = tmp_path / "converted"
+    result = ok(invoke("convert", src, dst, "--dtype", "bfloat16"))
+    assert "converted" in result.stdout and (dst / "jalias.json").is_file()
+    meta = json.loads((dst / "jalias.json").read_text())
+    assert meta["dtype"] == "bfloat16"
+    a, b = load(dst), load(src)
+    fa, fb = _flat(a.params), _flat(b.params)
+    assert fa.keys() == fb.keys()
+    for k in fa:  # bf16 storage: within bf16 rounding of the float32 source
+        np.testing.assert_allclose(np.asarray(fa[k]), np.asarray(fb[k]), rtol=1e-2, atol=1e-6)
+    assert "already exists" in error_line(invoke("convert", src, dst))
+    ok(invoke("convert", src, dst, "--overwrite"))
+
+
+def test_import_is_light_and_help_lists_commands():
+    code = "import sys, jalias; jalias.tokenize('a'); print('jax' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert out.stdout.strip() == "False"
+    help_text = ok(invoke("--help")).stdout
+    for cmd in ("demo", "search", "eval", "export", "convert"):
+        assert cmd in help_text
