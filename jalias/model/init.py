@@ -28,7 +28,7 @@ def random_tree(shapes: dict[tuple[str, ...], tuple[int, ...]], seed: int = 0, g
     rng = np.random.default_rng(seed)
     params: dict = {}
     for path, shape in sorted(shapes.items()):
-        leaf, owner = path[-1], path[-2]
+        leaf, owner = path[-1], (path[-2] if len(path) > 1 else "")
         if leaf == "kernel":
             if len(shape) == 4 and owner.startswith("scale_layers"):  # transposed conv [kh, kw, out, in]
                 fan_in = shape[-1]
