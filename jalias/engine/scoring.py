@@ -24,7 +24,7 @@ def layout_prompts(ids: np.ndarray, context: int = CONTEXT_LENGTH) -> tuple[np.n
     n, length = ids.shape
     if length > context - 2:
         raise ValueError(f"candidates have {length} tokens; at most {context - 2} fit the {context}-token context")
-    if n and (ids.min() < 0 or ids.max() >= START_ID):
+    if ids.size and (ids.min() < 0 or ids.max() >= START_ID):
         bad = int(ids.min() if ids.min() < 0 else ids.max())
         raise ValueError(f"unknown or special token id {bad} in candidates (content ids are 0..{START_ID - 1})")
     out = np.full((n, context), PAD_ID, np.int32)
