@@ -1,0 +1,289 @@
+"""Search quality on planted-alias problems: best IoU vs evaluations, per method, against a known answer.
+
+Each problem is `jalias.data.planted.make_planted(seed)`: a calibrated tiny SAM3, synthetic images of one concept,
+and as ground truth the masks of a hidden 4-token sequence (which scores IoU 1.0 by construction). Every method
+(evolution, local, gcg, soft) runs with the same budget, seeds and vocabulary (the problem's `allowed_vocab`,
+given to every method as `allowed_tokens`). Reported:
+
+* best train IoU (mean over the search images) at each budget of the ladder, mean over problems x seeds;
+* held-out IoU of each run's best sequence (an Engine over the problem's held-out images);
+* evaluations to 0.9: where a run's history first reaches train IoU >= 0.9 (median over runs, "not reached"
+  when fewer than half of the runs reach it), and the issue's target: the best method reaches 0.9 with at most
+  1/10 of the evaluations evolution needs (or evolution does not reach it within 10x that);
+* baselines: the concept's natural label and random sequences from the same vocabulary.
+
+Budgets: every method runs until its budget is spent and is deterministic for its seed, so a run with the largest
+budget contains the runs with the smaller budgets as prefixes; the best IoU at budget B is read from its history
+(best fully scored candidate with evals <= B). One run per (problem, seed, method) therefore serves the ladder.
+
+    PYTHONPATH=. python benchmarks/planted.py --quick --json planted.json --out bench_out
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from jalias.data.planted import make_planted  # noqa: E402
+from jalias.engine import Engine  # noqa: E402
+from jalias.search import METHODS, HalvingConfig, run_search  # noqa: E402
+from jalias.tokenizer import detokenize  # noqa: E402
+
+THRESHOLD = 0.9
+TARGET_FACTOR = 10
+N_RANDOM = 64  # random sequences per problem for the random baseline
+
+# Per-method settings, the same for every budget and problem, each the best of a small sweep on development
+# problems (seeds 100-103, not the reported ones; budget 20k; mean best IoU at 5k / 20k evaluations):
+#   evolution population 8 / 16 / 32: .878/.889, .883/.908, .862/.881 (16 with halving: .891/.904);
+#   local n_candidates 16 / 32 / 64+halving: .855/.875, .823/.873, .878/.890;
+#   gcg (width, topk) 32,8 / 64,32 / 64,32 keep_if_better / 64,32 n_replace 2 / 128,16+halving:
+#       .876/.881, .799/.897, .761/.761, .753/.865, .785/.801;
+#   soft lr 0.3 / 1 / 3: .709/.754, .718/.751, .722/.751.
+# Halving: score on 2 images first and pass the best half on (2 -> 4 -> 8 images).
+HALVING = dict(mode="on", min_images=2, eta=2.0)
+SETTINGS = {
+    "evolution": dict(population=16, generations=None),
+    "local": dict(n_candidates=64, halving=HALVING),
+    "gcg": dict(search_width=64, topk=32),
+    "soft": dict(),
+}
+
+PRESETS = {
+    "quick": dict(problems=[0, 1], seeds=[0], budgets=[1000, 2500, 5000, 10000, 20000]),
+    "full": dict(problems=[0, 1, 2, 3, 4, 5], seeds=[0, 1], budgets=[1000, 2500, 5000, 10000, 25000, 50000]),
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+def first_reach(history, threshold: float = THRESHOLD):
+    """Evaluations at which a history [(evals, best_objective, best_train_iou)] first has train IoU >= threshold
+    (None if never)."""
+    for evals, _, tr in history:
+        if tr >= threshold:
+            return int(evals)
+    return None
+
+
+def best_at(history, budget: int) -> float:
+    """Best train IoU among history entries with evals <= budget (0.0 before the first fully scored candidate)."""
+    best = 0.0
+    for evals, _, tr in history:
+        if evals > budget:
+            break
+        best = max(best, tr)
+    return float(best)
+
+
+def median_or_none(values: list, n_runs: int):
+    """Median of per-run values where None means 'not reached' (counted as +inf); None if the median run did not
+    reach it."""
+    v = sorted(math.inf if x is None else x for x in values)
+    if not v:
+        return None
+    m = float(np.median(v)) if len(v) % 2 else 0.5 * (v[len(v) // 2 - 1] + v[len(v) // 2])
+    return None if math.isinf(m) else m
+
+
+def run_problem(p: int, seeds: list[int], budget: int, methods: list[str], log) -> dict:
+    """All methods x seeds on planted problem `p`. Returns a JSON-able dict of baselines and runs."""
+    t0 = time.perf_counter()
+    prob = make_planted(p)
+    search = Engine(prob.model, prob.search_images, prob.search_masks)
+    held = Engine(prob.model, prob.heldout_images, prob.heldout_masks)
+    rng = np.random.default_rng([p, 99])
+    random_ids = prob.allowed_vocab[rng.integers(prob.allowed_vocab.size, size=(N_RANDOM, len(prob.hidden_ids)))]
+    rand_search = search.score(random_ids).mean(1)
+    out = {
+        "problem": p, "label": prob.label, "hidden": prob.hidden_ids.tolist(), "hidden_text": detokenize(prob.hidden_ids),
+        "vocab_size": int(prob.allowed_vocab.size), "planted_stats": prob.stats,
+        "hidden_iou": float(search.score(prob.hidden_ids[None]).mean()),
+        "hidden_heldout_iou": float(held.score(prob.hidden_ids[None]).mean()),
+        "label_iou": float(search.score(prob.label_ids[None]).mean()),
+        "label_heldout_iou": float(held.score(prob.label_ids[None]).mean()),
+        "random_iou": float(rand_search.mean()), "random_iou_max": float(rand_search.max()),
+        "random_heldout_iou": float(held.score(random_ids).mean()),
+        "build_s": time.perf_counter() - t0, "runs": {},
+    }
+    log(f"problem {p} ({prob.label}): hidden {out['hidden_iou']:.3f}/{out['hidden_heldout_iou']:.3f}, "
+        f"label {out['label_iou']:.3f}, random {out['random_iou']:.3f} (max of {N_RANDOM}: "
+        f"{out['random_iou_max']:.3f}), built in {out['build_s']:.0f}s")
+    for m in methods:
+        out["runs"][m] = []
+        for s in seeds:
+            settings = dict(SETTINGS[m])
+            if "halving" in settings:
+                settings["halving"] = HalvingConfig(**settings["halving"])
+            cfg = METHODS[m].config_cls(length=len(prob.hidden_ids), budget=budget, seed=s,
+                                        allowed_tokens=prob.allowed_vocab.tolist(), **settings)
+            t = time.perf_counter()
+            r = run_search(m, search, cfg)
+            wall = time.perf_counter() - t
+            best = r.best[0] if r.best else None
+            heldout = float(held.score(np.asarray(best.ids, np.int32)[None]).mean()) if best else 0.0
+            run = {"seed": s, "best_iou": best.train_iou if best else 0.0, "best_text": best.text if best else "",
+                   "best_ids": best.ids if best else [], "heldout_iou": heldout, "evals": r.evals_used,
+                   "evals_to_0.9": first_reach(r.history), "wall_s": wall,
+                   "history": [[int(e), float(o), float(tr)] for e, o, tr in r.history]}
+            out["runs"][m].append(run)
+            log(f"  {m:9s} seed {s}: best {run['best_iou']:.3f} held-out {heldout:.3f} "
+                f"to-0.9 {run['evals_to_0.9']} evals {r.evals_used} ({wall:.0f}s) {run['best_text']!r}")
+    return out
+
+
+def summarise(problems: list[dict], methods: list[str], budgets: list[int]) -> dict:
+    """Per-method aggregates over all (problem, seed) runs, plus baselines and the target verdict."""
+    res = {}
+    for m in methods:
+        runs = [r for p in problems for r in p["runs"][m]]
+        to9 = [r["evals_to_0.9"] for r in runs]
+        res[m] = {
+            "best_iou": float(np.mean([r["best_iou"] for r in runs])),
+            "evals": float(np.mean([r["evals"] for r in runs])),
+            "heldout_iou": float(np.mean([r["heldout_iou"] for r in runs])),
+            "evals_to_0.9": median_or_none(to9, len(runs)),
+            "reached_0.9": f"{sum(x is not None for x in to9)}/{len(runs)}",
+            "by_budget": {str(b): float(np.mean([best_at(r["history"], b) for r in runs])) for b in budgets},
+            "wall_s": float(np.mean([r["wall_s"] for r in runs])),
+        }
+    baselines = {k: float(np.mean([p[k] for p in problems])) for k in
+                 ("label_iou", "label_heldout_iou", "random_iou", "random_iou_max", "random_heldout_iou",
+                  "hidden_iou", "hidden_heldout_iou")}
+    return {"methods": res, "baselines": baselines, "target": target_verdict(res, max(budgets))}
+
+
+def target_verdict(res: dict, max_budget: int) -> dict:
+    """Issue target: best method reaches 0.9 with <= 1/10 of evolution's evaluations (or evolution does not reach
+    it within 10x the best method's evaluations)."""
+    reached = {m: r["evals_to_0.9"] for m, r in res.items() if m != "evolution" and r["evals_to_0.9"] is not None}
+    evo = res.get("evolution", {}).get("evals_to_0.9")
+    if not reached:
+        why = (f"evolution reaches {THRESHOLD} at {evo:.0f} evaluations (median run), no other method does"
+               if evo is not None else f"no method reaches {THRESHOLD} in the median run")
+        return {"met": False, "best_method": None, "best_evals": None, "evolution_evals": evo, "ratio": None,
+                "why": why}
+    best = min(reached, key=reached.get)
+    need = TARGET_FACTOR * reached[best]
+    if evo is not None:
+        met, why = evo >= need, f"evolution needs {evo:.0f} evaluations, {evo / reached[best]:.2f}x {best}'s"
+    elif max_budget >= need:
+        met, why = True, f"evolution does not reach 0.9 within {max_budget} >= 10x {best}'s {reached[best]:.0f}"
+    else:
+        met, why = None, (f"undecided: evolution does not reach 0.9 within {max_budget}, less than 10x {best}'s "
+                          f"{reached[best]:.0f}")
+    return {"met": met, "best_method": best, "best_evals": reached[best], "evolution_evals": evo,
+            "ratio": None if evo is None else evo / reached[best], "why": why}
+
+
+# --------------------------------------------------------------------------------------------------------------
+def print_table(summary: dict, budgets: list[int]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="Planted aliases: best train IoU (mean over problems x seeds) vs evaluations")
+    t.add_column("method")
+    for b in budgets:
+        t.add_column(f"@{b:,}", justify="right")
+    for c in ("held-out", "evals to 0.9 (median)", "reached", "s/run"):
+        t.add_column(c, justify="right")
+    for m, r in summary["methods"].items():
+        e9 = "not reached" if r["evals_to_0.9"] is None else f"{r['evals_to_0.9']:,.0f}"
+        t.add_row(m, *[f"{r['by_budget'][str(b)]:.3f}" for b in budgets], f"{r['heldout_iou']:.3f}", e9,
+                  r["reached_0.9"], f"{r['wall_s']:.0f}")
+    bl = summary["baselines"]
+    blank = [""] * (len(budgets) - 1)
+    t.add_row("label", f"{bl['label_iou']:.3f}", *blank, f"{bl['label_heldout_iou']:.3f}", "", "", "")
+    t.add_row("random", f"{bl['random_iou']:.3f}", *blank, f"{bl['random_heldout_iou']:.3f}", "", "", "")
+    t.add_row("hidden", f"{bl['hidden_iou']:.3f}", *blank, f"{bl['hidden_heldout_iou']:.3f}", "", "", "")
+    console = Console(width=max(120, 14 * (len(budgets) + 5)))
+    console.print(t)
+    tg = summary["target"]
+    console.print(f"target (best method <= 1/{TARGET_FACTOR} of evolution's evaluations to {THRESHOLD}): "
+                  f"{'MET' if tg['met'] else 'NOT MET' if tg['met'] is False else 'UNDECIDED'} - {tg['why']}")
+
+
+def plot(problems: list[dict], summary: dict, methods: list[str], max_budget: int, out_dir: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = np.unique(np.geomspace(50, max_budget, 200).astype(int))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m in methods:
+        runs = [r for p in problems for r in p["runs"][m]]
+        # a run has no value before its first fully scored candidate; average over the runs that have one
+        curves = np.array([[best_at(r["history"], g) if r["history"] and r["history"][0][0] <= g else np.nan
+                            for g in grid] for r in runs])
+        have = ~np.isnan(curves).all(0)
+        ax.plot(grid[have], np.nanmean(curves[:, have], axis=0), label=m)
+    bl = summary["baselines"]
+    ax.axhline(bl["label_iou"], color="gray", ls=":", label="natural label")
+    ax.axhline(bl["random_iou"], color="black", ls=":", label="random sequence")
+    ax.axhline(THRESHOLD, color="red", ls="--", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("candidate-image evaluations")
+    ax.set_ylabel("best train IoU (mean over runs)")
+    ax.set_title(f"Planted aliases: {len(problems)} problems x {len(problems[0]['runs'][methods[0]])} seeds")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "planted_iou_vs_evals.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="2 problems x 1 seed, budgets up to 20k (< 5 min on a 2-core CPU); default: 6 x 2, up to 50k")
+    ap.add_argument("--problems", type=int, nargs="+", help="problem seeds (default from the preset)")
+    ap.add_argument("--seeds", type=int, nargs="+", help="search seeds (default from the preset)")
+    ap.add_argument("--budgets", type=int, nargs="+", help="budget ladder in candidate-image evaluations")
+    ap.add_argument("--methods", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--json", type=Path, help="write results here")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/out"), help="folder for the PNG plot")
+    args = ap.parse_args(argv)
+    preset = PRESETS["quick" if args.quick else "full"]
+    problems_ids = args.problems or preset["problems"]
+    seeds = args.seeds or preset["seeds"]
+    budgets = sorted(args.budgets or preset["budgets"])
+    if min(budgets) < 1:
+        raise SystemExit("budgets must be positive")
+
+    t0 = time.perf_counter()
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    problems = [run_problem(p, seeds, budgets[-1], args.methods, log) for p in problems_ids]
+    summary = summarise(problems, args.methods, budgets)
+    print_table(summary, budgets)
+    png = plot(problems, summary, args.methods, budgets[-1], args.out)
+    total = time.perf_counter() - t0
+    print(f"plot: {png}  total time {total:.0f}s")
+    result = {**summary["methods"], "baselines": summary["baselines"], "target": summary["target"],
+              "settings": {"methods": SETTINGS, "problems": problems_ids, "seeds": seeds, "budgets": budgets,
+                           "threshold": THRESHOLD, "total_s": total, "devices": _devices()},
+              "problems": problems}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1))
+        print(f"json: {args.json}")
+    return result
+
+
+def _devices() -> str:
+    import jax
+    return ", ".join(str(d) for d in jax.devices())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Planted-alias problems: a real (non-degenerate, prompt-sensitive) problem with a known answer, and every search
+method making progress on it through the real Engine within an exact budget."""
+import jax
+import numpy as np
+import pytest
+
+from jalias.data.planted import MAX_COVER, MIN_COVER, make_planted, mean_iou, planted_vocab, predict
+from jalias.engine import Engine
+from jalias.search import METHODS, run_search
+from jalias.tokenizer import token_strings
+
+N_SEARCH, N_HELDOUT = 4, 2
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return make_planted(0, n_search=N_SEARCH, n_heldout=N_HELDOUT)
+
+
+@pytest.fixture(scope="module")
+def engine(problem):
+    # small chunks and no prefix cache: few compiled variants (this test is about search, not engine speed)
+    return Engine(problem.model, problem.search_images, problem.search_masks, chunk_size=16, prefix_cache=False)
+
+
+def test_hidden_sequence_scores_exactly_one(problem, engine):
+    assert problem.hidden_ids.dtype == np.int32 and problem.hidden_ids.shape == (4,)
+    assert np.isin(problem.hidden_ids, problem.allowed_vocab).all()
+    assert len(problem.search_images) == N_SEARCH and len(problem.heldout_images) == N_HELDOUT
+    np.testing.assert_array_equal(engine.score(problem.hidden_ids[None]), np.ones((1, N_SEARCH), np.float32))
+    held = Engine(problem.model, problem.heldout_images, problem.heldout_masks, chunk_size=1, prefix_cache=False)
+    np.testing.assert_array_equal(held.score(problem.hidden_ids[None]), np.ones((1, N_HELDOUT), np.float32))
+
+
+def test_masks_are_non_trivial(problem):
+    masks = np.stack(problem.search_masks + problem.heldout_masks)
+    assert masks.dtype == bool and masks.shape == (N_SEARCH + N_HELDOUT, 64, 64)
+    cover = masks.mean((1, 2))
+    assert (cover > 0).all()  # the Engine refuses an empty GT on a positive image
+    assert ((cover >= MIN_COVER) & (cover <= MAX_COVER)).mean() >= 0.75
+    # the GT is the hidden sequence's own prediction (all images at once: the shape make_planted compiled)
+    pred = predict(problem.model, problem.search_images + problem.heldout_images, problem.hidden_ids[None])
+    np.testing.assert_array_equal(pred[0], masks)
+
+
+def test_random_sequences_and_label_score_low(problem, engine):
+    rng = np.random.default_rng(7)
+    v = problem.allowed_vocab
+    random_ids = v[rng.integers(v.size, size=(32, 4))]
+    iou = engine.score(random_ids).mean(1)
+    assert iou.mean() < 0.5, iou
+    assert iou.max() < 0.9, iou
+    label = engine.score(problem.label_ids[None]).mean()
+    assert label < 0.75, label
+    # prompt-sensitive: random sequences do not all predict the same thing
+    pred = predict(problem.model, problem.search_images + problem.heldout_images, random_ids[:8])
+    pairwise = [mean_iou(pred[i:i + 1], pred[j])[0] for i in range(8) for j in range(i + 1, 8)]
+    assert np.mean(pairwise) < 0.6
+
+
+def test_label_and_vocab(problem):
+    assert problem.label == "striped blob"
+    strings = token_strings()
+    assert [strings[i] for i in problem.label_ids] == ["striped</w>", "blob</w>"]
+    v = problem.allowed_vocab
+    assert v.size == 2000 and (np.diff(v) > 0).all() and np.isin(problem.label_ids, v).all()
+    assert all(strings[i].endswith("</w>") and strings[i][:-4].isalpha() for i in v)
+    np.testing.assert_array_equal(planted_vocab(50), planted_vocab(50))
+    with pytest.raises(ValueError, match="vocabulary size"):
+        planted_vocab(1, include=(5,))
+
+
+def test_deterministic_for_a_seed(problem):
+    again = make_planted(0, n_search=N_SEARCH, n_heldout=N_HELDOUT)
+    np.testing.assert_array_equal(again.hidden_ids, problem.hidden_ids)
+    for a, b in zip(again.search_masks + again.heldout_masks, problem.search_masks + problem.heldout_masks):
+        np.testing.assert_array_equal(a, b)
+    same = jax.tree_util.tree_map(lambda x, y: bool(np.array_equal(np.asarray(x), np.asarray(y))),
+                                  again.model.params, problem.model.params)
+    assert all(jax.tree_util.tree_leaves(same))
+    other = make_planted(1, n_search=N_SEARCH, n_heldout=N_HELDOUT)
+    assert other.label != problem.label and not np.array_equal(other.hidden_ids, problem.hidden_ids)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="n_search"):
+        make_planted(0, n_search=0)
+    with pytest.raises(ValueError, match="length"):
+        make_planted(0, length=0)
+    with pytest.raises(ValueError, match="vocab"):
+        make_planted(0, vocab=[1])
+
+
+# Small settings so that each method gets several iterations of a 1,200-evaluation budget on 4 images.
+SMALL = {
+    "evolution": dict(population=12, generations=None),
+    "local": dict(n_candidates=24),
+    "gcg": dict(search_width=24, topk=16),
+    "soft": dict(),
+}
+BUDGET = 1200
+
+
+@pytest.mark.parametrize("method", list(SMALL))
+def test_method_improves_within_exact_budget(method, problem, engine):
+    cfg = METHODS[method].config_cls(length=4, budget=BUDGET, seed=0, allowed_tokens=problem.allowed_vocab.tolist(),
+                                     **SMALL[method])
+    before = engine.evals
+    result = run_search(method, engine, cfg)
+    spent = engine.evals - before
+    assert result.evals_used <= BUDGET
+    assert result.evals_used > BUDGET - 4 * (1 + 3)  # spent down to less than one more step
+    assert spent == result.evals_used  # the Engine counts what the Budget charged (scores and gradients)
+    start = result.history[0]
+    best = result.best[0]
+    assert best.objective > start[1] and best.train_iou > start[2] + 0.05, (start, best)
+    assert np.isin(best.ids, problem.allowed_vocab).all()
+    # the reported train IoU is the Engine's exact mean IoU of the best sequence
+    assert engine.score(np.asarray(best.ids, np.int32)[None]).mean() == pytest.approx(best.train_iou, abs=1e-6)
