@@ -43,7 +43,7 @@ from jalias.model.config import tiny_config
 from jalias.model.init import random_params
 from jalias.model.preprocess import preprocess
 from jalias.model.sam3 import Sam3, Sam3Module
-from jalias.tokenizer import START_ID, encode, tokenize
+from jalias.tokenizer import START_ID, encode
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 0         # data
