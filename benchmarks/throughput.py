@@ -4,7 +4,9 @@
 
 Unit: candidate-image evaluations per second (cps): one candidate prompt scored (exact mask IoU) on one image.
 Every method scores the same candidates on the same images with the same weights in this one process; warmup
-(XLA compilation, first torch calls) is excluded from the rates and reported separately. See benchmarks/README.md.
+(XLA compilation, first torch calls) is excluded from the rates and reported separately. jalias fp32 / bf16 and
+torch-opt are timed in interleaved rounds (one pass of each per round, median over rounds), so load from other jobs
+on a shared machine hits them alike. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # torch_baselines, whe
 from jalias.data import make_dataset  # noqa: E402
 from jalias.engine import Engine  # noqa: E402
 from jalias.engine.scoring import layout_prompts  # noqa: E402
+from jalias.model import layers  # noqa: E402
 from jalias.model.config import (MaskDecoderConfig, Sam3Config, TextConfig, TransformerConfig, ViTConfig,  # noqa: E402
                                  VisionConfig, tiny_config)
-from jalias.model.init import random_params  # noqa: E402
+from jalias.model.init import centre_masks, probe, random_params  # noqa: E402
 from jalias.model.preprocess import preprocess  # noqa: E402
-from jalias.model.sam3 import Sam3, Sam3Module  # noqa: E402
+from jalias.model.sam3 import Sam3  # noqa: E402
 from jalias.tokenizer import START_ID  # noqa: E402
 
 # dense bf16 peak FLOP/s by device-kind substring (MFU denominator)
@@ -89,17 +92,8 @@ def calibrated_params(cfg: Sam3Config, seed: int, pixel_values: np.ndarray, ids:
     k, b = len(pixel_values), len(ids)
     pixel_values = np.repeat(pixel_values, b, 0)
     ids, mask = np.tile(ids, (k, 1)), np.tile(mask, (k, 1))
-    names = ("pixel_decoder", "query_proj", "text_proj")
-    probe = jax.jit(lambda p, *a: Sam3Module(cfg).apply({"params": p}, *a, mutable=["intermediates"],
-                                                        capture_intermediates=lambda m, _: m.name in names))
-    out, state = probe(params, pixel_values, ids, mask)
-    found = {}
-    jax.tree_util.tree_map_with_path(
-        lambda path, x: found.setdefault(next(k.key for k in path if getattr(k, "key", None) in names), np.asarray(x)),
-        state["intermediates"])
-    pix = found["pixel_decoder"]
-    proj = params["mask_decoder"]["instance_projection"]
-    proj["bias"] = (-pix.reshape(-1, pix.shape[-1]).mean(0) @ proj["kernel"][0, 0]).astype(np.float32)
+    out, found = probe(cfg, params, pixel_values, ids, mask)
+    centre_masks(params, found["pixel_decoder"])
     # Query scores: a random deep decoder gives near-identical queries, so a prompt's scores share one offset and
     # either all or none of its queries fire. Remove each probe row's mean query direction from query_proj (scores
     # then vary across queries, not rows) and scale them to std 2. Then presence logit ~3 and a bias along the mean
@@ -186,8 +180,14 @@ def jax_peak_gib() -> float | None:
 
 
 def flops_of(fn, *args) -> float:
-    """XLA's FLOP count of one call (straight-line program: no loops whose trip count XLA would not count)."""
-    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    """XLA's FLOP count of one call. XLA counts a loop body once, not once per trip, so blocked attention (a
+    lax.map x lax.scan) is switched off while counting: the same math as one straight-line program."""
+    old = layers.BLOCKED_MIN_PAIRS
+    layers.BLOCKED_MIN_PAIRS = 1 << 62
+    try:
+        cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    finally:
+        layers.BLOCKED_MIN_PAIRS = old
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost.get("flops", float("nan")))
 
@@ -197,7 +197,22 @@ def peak_flops(kind: str) -> float | None:
 
 
 # ---- methods ------------------------------------------------------------------------------------------------------
-def run_jalias(model: Sam3, images, gts, cand, chunk, repeats, label):
+def time_rounds(methods: dict, repeats: int) -> None:
+    """Time `repeats` passes of each method's "run" in rounds (one pass of every method per round, in turn), so load
+    changes on a shared machine hit all methods alike. Sets "iou" (last pass), "sec" (median) and "secs" (all)."""
+    secs = {k: [] for k in methods}
+    for r in range(max(1, repeats)):
+        for k, m in methods.items():
+            t = time.perf_counter()
+            m["iou"] = m["run"]()
+            secs[k].append(time.perf_counter() - t)
+        log(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in secs.items()))
+    for k, m in methods.items():
+        m["sec"], m["secs"] = float(np.median(secs[k])), secs[k]
+
+
+def prepare_jalias(model: Sam3, images, gts, cand, chunk, label):
+    """Engine setup and warmup (timed separately); "run" does one timed pass."""
     log(f"{label}: engine setup (image features)")
     t = time.perf_counter()
     engine = Engine(model, images, gts, chunk_size=chunk, compilation_cache=False)
@@ -206,17 +221,12 @@ def run_jalias(model: Sam3, images, gts, cand, chunk, repeats, label):
     t = time.perf_counter()
     engine.score(cand)  # compiles every chunk-bucket / prefix variant this candidate set needs
     first = time.perf_counter() - t
-    log(f"{label}: timed passes")
-    iou, sec = timed(lambda: engine.score(cand), repeats)
-    return {"name": label, "iou": iou, "sec": sec, "evals": cand.shape[0] * len(images), "setup_s": setup,
-            "warmup_s": first, "chunk": engine.chunk_size, "engine": engine}
+    return {"name": label, "run": lambda: engine.score(cand), "evals": cand.shape[0] * len(images),
+            "setup_s": setup, "warmup_s": first, "chunk": engine.chunk_size}
 
 
-def run_torch(cls, model, pixel_values, gts, ids, mask, repeats, device, **kw):
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+def prepare_torch(cls, model, pixel_values, gts, ids, mask, device, **kw):
+    """Baseline setup and warmup (timed separately); "run" does one timed pass."""
     log(f"{cls.name}: setup")
     t = time.perf_counter()
     runner = cls(model, pixel_values, gts, device=device, **kw)
@@ -226,13 +236,20 @@ def run_torch(cls, model, pixel_values, gts, ids, mask, repeats, device, **kw):
     if kw.get("compile"):
         runner.score(ids, mask)  # torch.compile specialises on the batch shapes of a full pass
     first = time.perf_counter() - t
-    log(f"{cls.name}: timed passes")
-    iou, sec = timed(lambda: runner.score(ids, mask), repeats)
-    out = {"name": cls.name, "iou": iou, "sec": sec, "evals": len(ids) * len(gts), "setup_s": setup, "warmup_s": first}
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    return out
+    return {"name": cls.name, "run": lambda: runner.score(ids, mask), "evals": len(ids) * len(gts), "setup_s": setup,
+            "warmup_s": first}
+
+
+def torch_peak_gib(device: str) -> float | None:
+    """Peak CUDA memory since the last reset (None on CPU), then reset for the next method."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return None
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    return peak
 
 
 def pick_torch_threads(cls, model, pixel_values, gts, ids, mask, batch: int) -> int:
@@ -328,18 +345,19 @@ def main(argv=None) -> dict:
     if hasattr(os, "getloadavg"):
         print(f"load average before: {os.getloadavg()[0]:.2f}")
 
+    # Setup and warmup of every method first; then jalias fp32 / bf16 and torch-opt are timed in rounds (one pass
+    # of each per round) so that load from other jobs on a shared machine hits them alike. torch-seed is timed on
+    # its own afterwards (one pass takes minutes at mid size).
     results, mem = {}, {}
     model = Sam3(cfg, params)
-    results["jalias"] = run_jalias(model, images, gts, cand, a.chunk, a.repeats, "jalias")
+    results["jalias"] = prepare_jalias(model, images, gts, cand, a.chunk, "jalias")
     mem["jalias"] = jax_peak_gib() or rss_gib()
     stages = jalias_stages(model, pixel_values, ids, mask, results["jalias"]["chunk"], len(cand), len(images),
                            a.repeats)
     if "jalias-bf16" not in skip:
-        results["jalias_bf16"] = run_jalias(Sam3(cfg, params, dtype="bfloat16"), images, gts, cand, a.chunk,
-                                            a.repeats, "jalias-bf16")
+        results["jalias_bf16"] = prepare_jalias(Sam3(cfg, params, dtype="bfloat16"), images, gts, cand, a.chunk,
+                                                "jalias-bf16")
         mem["jalias_bf16"] = jax_peak_gib() or rss_gib()
-    del results["jalias"]["engine"]
-    results.get("jalias_bf16", {}).pop("engine", None)
 
     from torch_baselines import TorchOpt, TorchSeed, torch_model
 
@@ -348,15 +366,23 @@ def main(argv=None) -> dict:
         a.torch_threads = pick_torch_threads(TorchOpt, tm, pixel_values[:1], gts[:1], ids, mask, a.torch_batch)
     if a.torch_threads:
         torch.set_num_threads(a.torch_threads)
+    if tdev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     if "torch-opt" not in skip:
-        results["torch_opt"] = run_torch(TorchOpt, tm, pixel_values, gts, ids, mask, a.repeats, tdev,
-                                         batch=a.torch_batch, compile=a.torch_compile)
-        mem["torch_opt"] = results["torch_opt"].pop("peak_gib", None) or rss_gib()
+        results["torch_opt"] = prepare_torch(TorchOpt, tm, pixel_values, gts, ids, mask, tdev, batch=a.torch_batch,
+                                             compile=a.torch_compile)
+    log(f"timed passes: {a.repeats} rounds of " + ", ".join(results))
+    time_rounds(dict(results), a.repeats)
+    if "torch_opt" in results:
+        mem["torch_opt"] = torch_peak_gib(tdev) or rss_gib()
     if "torch-seed" not in skip:
         m = a.seed_candidates or len(cand)
-        results["torch_seed"] = run_torch(TorchSeed, tm, pixel_values, gts, ids[:m], mask[:m], max(1, a.repeats - 1),
-                                          tdev)
-        mem["torch_seed"] = results["torch_seed"].pop("peak_gib", None) or rss_gib()
+        results["torch_seed"] = prepare_torch(TorchSeed, tm, pixel_values, gts, ids[:m], mask[:m], tdev)
+        log("torch-seed: timed passes")
+        time_rounds({"torch_seed": results["torch_seed"]}, max(1, a.repeats - 1))
+        mem["torch_seed"] = torch_peak_gib(tdev) or rss_gib()
+    for r in results.values():
+        r.pop("run")  # drops the engines / runners
 
     # rates, ratios, agreement
     for r in results.values():
@@ -385,6 +411,7 @@ def main(argv=None) -> dict:
         **{f"{k}_cps": r["cps"] for k, r in results.items()},
         "ratios": ratios,
         "seconds": {k: r["sec"] for k, r in results.items()},
+        "seconds_per_pass": {k: r["secs"] for k, r in results.items()},
         "evals": {k: r["evals"] for k, r in results.items()},
         "setup_s": {k: r["setup_s"] for k, r in results.items()},
         "warmup_s": {k: r["warmup_s"] for k, r in results.items()},

@@ -1,5 +1,6 @@
-"""Planted-alias problems: a real (non-degenerate, prompt-sensitive) problem with a known answer, and every search
-method making progress on it through the real Engine within an exact budget."""
+"""Planted-alias problems: a real (non-degenerate, prompt-sensitive) problem with a known answer, of both kinds
+("direction": graded concept direction, "random": unstructured control), and every search method making progress
+on it through the real Engine within an exact budget."""
 import jax
 import numpy as np
 import pytest
@@ -18,12 +19,25 @@ def problem():
 
 
 @pytest.fixture(scope="module")
+def random_problem():
+    return make_planted(0, n_search=N_SEARCH, n_heldout=N_HELDOUT, kind="random")
+
+
+@pytest.fixture(scope="module", params=["direction", "random"])
+def any_problem(request, problem, random_problem):
+    return problem if request.param == "direction" else random_problem
+
+
+@pytest.fixture(scope="module")
 def engine(problem):
     # small chunks and no prefix cache: few compiled variants (this test is about search, not engine speed)
     return Engine(problem.model, problem.search_images, problem.search_masks, chunk_size=16, prefix_cache=False)
 
 
-def test_hidden_sequence_scores_exactly_one(problem, engine):
+def test_hidden_sequence_scores_exactly_one(any_problem):
+    problem = any_problem
+    engine = Engine(problem.model, problem.search_images, problem.search_masks, chunk_size=16, prefix_cache=False)
+    assert problem.stats["kind"] in ("direction", "random")
     assert problem.hidden_ids.dtype == np.int32 and problem.hidden_ids.shape == (4,)
     assert np.isin(problem.hidden_ids, problem.allowed_vocab).all()
     assert len(problem.search_images) == N_SEARCH and len(problem.heldout_images) == N_HELDOUT
@@ -32,7 +46,8 @@ def test_hidden_sequence_scores_exactly_one(problem, engine):
     np.testing.assert_array_equal(held.score(problem.hidden_ids[None]), np.ones((1, N_HELDOUT), np.float32))
 
 
-def test_masks_are_non_trivial(problem):
+def test_masks_are_non_trivial(any_problem):
+    problem = any_problem
     masks = np.stack(problem.search_masks + problem.heldout_masks)
     assert masks.dtype == bool and masks.shape == (N_SEARCH + N_HELDOUT, 64, 64)
     cover = masks.mean((1, 2))
@@ -43,7 +58,9 @@ def test_masks_are_non_trivial(problem):
     np.testing.assert_array_equal(pred[0], masks)
 
 
-def test_random_sequences_and_label_score_low(problem, engine):
+def test_random_sequences_and_label_score_low(any_problem):
+    problem = any_problem
+    engine = Engine(problem.model, problem.search_images, problem.search_masks, chunk_size=16, prefix_cache=False)
     rng = np.random.default_rng(7)
     v = problem.allowed_vocab
     random_ids = v[rng.integers(v.size, size=(32, 4))]
@@ -56,6 +73,29 @@ def test_random_sequences_and_label_score_low(problem, engine):
     pred = predict(problem.model, problem.search_images + problem.heldout_images, random_ids[:8])
     pairwise = [mean_iou(pred[i:i + 1], pred[j])[0] for i in range(8) for j in range(i + 1, 8)]
     assert np.mean(pairwise) < 0.6
+
+
+def test_direction_is_graded_and_gradients_point_at_it(problem, engine):
+    """The "direction" kind's promise: each right token adds to the IoU, and the soft loss's token gradient ranks the
+    hidden token near the top of the 2,000-word vocabulary (on the "random" kind it ranks it ~500th)."""
+    rng = np.random.default_rng(3)
+    v, h = problem.allowed_vocab, problem.hidden_ids
+    allowed = np.zeros(engine.vocab_size, bool)
+    allowed[v] = True
+    by_wrong, ranks = {}, []
+    for n_wrong in (1, 2, 4):
+        cands = np.repeat(h[None], 12, 0)
+        for c in cands:
+            c[rng.choice(4, n_wrong, replace=False)] = v[rng.integers(v.size, size=n_wrong)]
+        by_wrong[n_wrong] = engine.score(cands).mean()
+        if n_wrong == 1:
+            for c in cands[:4]:
+                pos = int(np.flatnonzero(c != h)[0]) if (c != h).any() else 0
+                g = np.where(allowed, engine.token_grad(c)[pos], np.inf)
+                ranks.append(int((g < g[h[pos]]).sum()))
+    assert 1.0 > by_wrong[1] > by_wrong[2] > by_wrong[4], by_wrong
+    assert by_wrong[4] < 0.4, by_wrong
+    assert np.median(ranks) < 100, ranks  # top 5% of 2,000 (a random ranking: ~1,000)
 
 
 def test_label_and_vocab(problem):
@@ -89,6 +129,8 @@ def test_bad_arguments():
         make_planted(0, length=0)
     with pytest.raises(ValueError, match="vocab"):
         make_planted(0, vocab=[1])
+    with pytest.raises(ValueError, match="kind"):
+        make_planted(0, kind="smooth")
 
 
 # Small settings so that each method gets several iterations of a 1,200-evaluation budget on 4 images.

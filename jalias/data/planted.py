@@ -6,8 +6,8 @@ sequence predicts on them. The hidden sequence scores IoU 1.0 by construction; a
 finds a sequence that gets close to 1.0 with few evaluations.
 
 A random SAM3 is nearly prompt-blind (every prompt fires the same queries, or none, with the same masks), which
-would make such a problem degenerate. `make_planted` therefore calibrates the random weights with a few linear
-re-parametrisations inside the SAM3 architecture (`calibrate`), measured on random prompts, never on the GT:
+would make such a problem degenerate. `make_planted` therefore first calibrates the random weights with a few
+linear re-parametrisations inside the SAM3 architecture (`calibrate`), measured on random prompts, never on the GT:
 
 * damped outputs of the decoder's text/vision cross-attention (each query's hidden state stays mostly its own),
   of CLIP's attention/MLP (tokens act more independently: a smoother landscape) and of the prompt
@@ -19,12 +19,27 @@ re-parametrisations inside the SAM3 architecture (`calibrate`), measured on rand
   saturated presence score and a common logit offset chosen so that random prompts keep ~`TARGET_KEEP` queries
   per image: WHICH queries fire, and so the predicted union, depends on the prompt.
 
-The hidden sequence is drawn from `allowed_vocab` (by default the 2,000 most frequent whole-word CLIP tokens plus
-the label's tokens) and redrawn until its masks are non-trivial (never empty, not nearly full on most images) and
-every GT pixel and every kept/dropped query is decided with a margin, so that the Engine reproduces the GT
-exactly. Search methods must be given the same `allowed_vocab` (SearchConfig.allowed_tokens) for a fair comparison.
-Typical difficulty (seeds 0-5): random sequences score mean IoU ~0.2-0.35, the best of 64 random ones ~0.5-0.8, the
-natural label ~0.1-0.6 (it means nothing to a random model). Everything is a pure function of the arguments.
+Two kinds of problem are then planted (`kind=`):
+
+* "direction" (default; `plant_direction`): the model gets a concept direction. A random direction w of the
+  pooled prompt feature (whitened over random prompts) drives the query scores: logit_q = offset + A * r_q * p(x)
+  + DIRECTION_NOISE * (the calibrated random scores), where p(x) is the prompt's projection on w in units of the
+  hidden sequence's and r_q a per-query weight. The hidden sequence is the vocabulary's best sequence along w
+  (exhaustive coordinate ascent), so the prompt -> mask map is graded and smooth in the tokens, like a trained
+  model's concept: random sequences fire ~`RANDOM_KEEP` queries per image and score low, each right token adds
+  queries of the target, and the hidden sequence fires ~`HIDDEN_KEEP`. Here gradients carry information.
+* "random": the calibrated random model as it is, and a hidden sequence drawn at random. Which queries fire is a
+  random cell structure in prompt space; many sequences come close to the hidden one's masks and token gradients
+  carry little information (the hidden token's gradient rank is ~1/4 of the vocabulary): a hard, unstructured
+  control.
+
+In both, the hidden sequence's tokens come from `allowed_vocab` (by default the 2,000 most frequent whole-word CLIP
+tokens plus the label's tokens), and it is only accepted when its masks are non-trivial (never empty, not nearly
+full on most images) and every GT pixel and every kept/dropped query is decided with a margin, so that the Engine
+reproduces the GT exactly. Search methods must be given the same `allowed_vocab` (SearchConfig.allowed_tokens) for
+a fair comparison. Typical difficulty, seed 0: "direction": random sequences score mean IoU ~0.1 (best of 256:
+~0.6), one wrong token ~0.75; "random": random ~0.34 (best of 256: ~0.87), one wrong token 0.3-0.9. The natural
+label means nothing to a random model and scores low. Everything is a pure function of the arguments.
 """
 
 from __future__ import annotations
@@ -61,6 +76,13 @@ MIN_COVER, MAX_COVER = 0.02, 0.75  # a non-trivial GT mask covers this fraction 
 MIN_GOOD_FRACTION = 0.75  # ... on at least this fraction of the images (and no GT mask is empty)
 MARGIN = 2e-4  # |decision value| every GT pixel and kept/dropped query must clear (the Engine differs by ~3e-5)
 MAX_TRIES = 500
+KINDS = ("direction", "random")
+DIRECTION_NOISE = 0.3  # weight of the calibrated random query scores next to the concept direction
+DIRECTION_WHITEN = 0.05  # ridge when whitening the pooled prompt feature for the direction
+DIRECTION_SWEEPS = 2  # coordinate-ascent sweeps that find the best sequence along the direction
+DIRECTION_TRIES = 20  # directions drawn until the hidden sequence's masks are non-trivial
+RANDOM_KEEP = 0.3  # mean kept queries per (random prompt, image) in a "direction" problem
+HIDDEN_KEEP = 4.0  # mean kept queries per image for the hidden sequence in a "direction" problem
 
 
 @dataclass
@@ -171,6 +193,43 @@ def _run(fn, params, ctx, ids: np.ndarray, chunk: int = 64) -> dict:
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
 
+@functools.lru_cache(maxsize=4)
+def _prompt_feature_fn(cfg: Sam3Config):
+    """jitted (params, ids [n, T], mask [n, T]) -> the scorer's projected pooled prompt [n, D] (the text side of
+    the query logits; no image needed, so scanning the vocabulary is cheap)."""
+    module = Sam3Module(cfg)
+
+    def pooled(m, ids, mask):
+        prompt = m.text_features(ids, mask)
+        return m.dot_product_scoring(jnp.zeros((ids.shape[0], 1, prompt.shape[-1]), prompt.dtype), prompt, mask)
+
+    def fwd(params, ids, mask):
+        _, state = module.apply({"params": params}, ids, mask, method=pooled,
+                                capture_intermediates=lambda mod, _: mod.name == "text_proj", mutable=["intermediates"])
+        return state["intermediates"]["dot_product_scoring"]["text_proj"]["__call__"][0]
+
+    return jax.jit(fwd)
+
+
+def _prompt_features(cfg: Sam3Config, params: dict, ids: np.ndarray, chunk: int = 512) -> np.ndarray:
+    """float64[N, D] `_prompt_feature_fn` of ids int[N, L], in fixed-size chunks."""
+    fn = _prompt_feature_fn(cfg)
+    out = []
+    for s in range(0, len(ids), chunk):
+        part = np.asarray(ids[s:s + chunk], np.int32)
+        n = len(part)
+        input_ids, mask = scoring.layout_prompts(np.concatenate([part, np.repeat(part[-1:], chunk - n, 0)]))
+        out.append(np.asarray(fn(params, jnp.asarray(input_ids), jnp.asarray(mask)), np.float64)[:n])
+    return np.concatenate(out)
+
+
+def _acceptable(o: dict) -> np.ndarray:
+    """bool[n]: which rows of a `_run` output have non-trivial masks decided with a margin (see the docstring)."""
+    cover = o["pred"].mean((-2, -1))  # [n, K]
+    good = (cover >= MIN_COVER) & (cover <= MAX_COVER)
+    return (cover > 0).all(1) & (good.mean(1) >= MIN_GOOD_FRACTION) & (o["margin"].min(1) > MARGIN)
+
+
 def predict(model: Sam3, images: list[np.ndarray], ids: np.ndarray, size: int | None = None) -> np.ndarray:
     """bool[N, K, size, size]: the masks a float32 SAM3 predicts for candidates ids int[N, L] on K images (the
     Engine's rule: kept queries' bilinearly resized mask logits > 0, union). size: GT resolution (default: the
@@ -271,6 +330,73 @@ def calibrate(cfg: Sam3Config, params: dict, ctx: dict, prompts: np.ndarray, siz
     return p, stats
 
 
+def plant_direction(cfg: Sam3Config, params: dict, ctx: dict, prompts: np.ndarray, allowed: np.ndarray,
+                    length: int, rng: np.random.Generator, size: int) -> tuple[dict, np.ndarray, dict]:
+    """Give calibrated `params` a concept direction and find its best sequence ("direction" kind, see the module
+    docstring). prompts int[N, L]: random calibration prompts. Returns (params, hidden int32[L], stats); raises
+    RuntimeError when no direction in DIRECTION_TRIES gives non-trivial masks."""
+    fn = _forward_fn(cfg, size)
+    o = _run(fn, params, ctx, prompts)
+    pt = o["pt"][:, 0].astype(np.float64)  # [N, D] projected pooled prompt (the same on every image)
+    d = pt.shape[1]
+    mu = pt.mean(0)
+    ev, u = np.linalg.eigh(np.cov(pt.T))
+    ev = np.maximum(ev, 0.0)
+    for attempt in range(DIRECTION_TRIES):
+        w = u @ ((u.T @ rng.normal(size=d)) / np.sqrt(ev + DIRECTION_WHITEN * ev.mean()))
+        along = lambda ids: (_prompt_features(cfg, params, ids) - mu) @ w  # noqa: E731
+        hidden = allowed[rng.integers(allowed.size, size=length)]
+        for _ in range(DIRECTION_SWEEPS):  # exhaustive coordinate ascent: each position's best token in turn
+            for i in range(length):
+                cands = np.repeat(hidden[None], allowed.size, 0)
+                cands[:, i] = allowed
+                hidden = cands[int(np.argmax(along(cands)))]
+        top = float(along(hidden[None])[0])
+        proj = np.append((pt - mu) @ w / top, 1.0)  # p(x): random prompts, then the hidden sequence (= 1)
+        oh = _run(fn, params, ctx, hidden[None])
+        pq = np.concatenate([o["pq"], oh["pq"]]).astype(np.float64)  # [N+1, K, Q, D] query side of the logits
+        weight = pq[..., 1]  # r_q: whitened, ~N(0, 1) over queries
+        noise = np.einsum("nkqd,nd->nkq", pq[..., 2:], np.append(pt, oh["pt"][:, 0], 0)[:, 2:]) / np.sqrt(d)
+
+        def mean_keep(offset: float, a: float, rows: slice) -> float:
+            logits = offset + a * proj[rows, None, None] * weight[rows] + DIRECTION_NOISE * noise[rows]
+            return float((logits > 0).sum(-1).mean())
+
+        offset = _bisect(lambda c: mean_keep(c, 0.0, slice(0, -1)), RANDOM_KEEP, -50.0, 50.0)
+        a = _bisect(lambda c: mean_keep(offset, c, slice(-1, None)), HIDDEN_KEEP, 0.0, 500.0)
+        # text_proj: channel 0 = offset (the query side's channel 0 is 1), channel 1 = A * p(x), others damped
+        tp = {k: np.asarray(v, np.float64) for k, v in params["dot_product_scoring"]["text_proj"].items()}
+        kernel, bias = DIRECTION_NOISE * tp["kernel"], DIRECTION_NOISE * tp["bias"]
+        kernel[:, 0], bias[0] = 0.0, offset * np.sqrt(d)
+        kernel[:, 1] = a * np.sqrt(d) * (tp["kernel"] @ w) / top
+        bias[1] = a * np.sqrt(d) * ((tp["bias"] - mu) @ w) / top
+        planted = jax.tree_util.tree_map(lambda x: x, params)
+        planted["dot_product_scoring"]["text_proj"] = {"kernel": kernel.astype(np.float32),
+                                                       "bias": bias.astype(np.float32)}
+        # A GT pixel within MARGIN of its threshold is common among 16 x 4096 pixels: before drawing a new
+        # direction, shift every mask logit by a few multiples of the margin (a negligible change of the masks).
+        emb = planted["mask_decoder"]["mask_embedder"]["layers_2"] = dict(
+            params["mask_decoder"]["mask_embedder"]["layers_2"])
+        bias0 = emb["bias"]
+        for nudge in (0, 1, -1, 2, -2, 3, -3):
+            emb["bias"] = bias0.copy()
+            emb["bias"][0] += np.float32(4 * MARGIN * nudge)
+            if _acceptable(_run(fn, planted, ctx, hidden[None]))[0]:
+                stats = {"direction_tries": attempt + 1, "direction_scale": a, "direction_offset": offset,
+                         "mask_nudge": 4 * MARGIN * nudge, "random_projection_std": float(proj[:-1].std()),
+                         "random_projection_max": float(proj[:-1].max())}
+                return planted, hidden.astype(np.int32), stats
+    raise RuntimeError(f"no concept direction with non-trivial masks in {DIRECTION_TRIES} draws")
+
+
+def _bisect(f, target: float, lo: float, hi: float, steps: int = 60) -> float:
+    """x in [lo, hi] where the non-decreasing f(x) crosses target."""
+    for _ in range(steps):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
 def _sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
@@ -285,18 +411,21 @@ def mean_iou(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------------
 
 def make_planted(seed: int, n_search: int = 8, n_heldout: int = 8, length: int = 4, config: Sam3Config | None = None,
-                 image_size: int = 64, vocab=None) -> PlantedProblem:
+                 image_size: int = 64, vocab=None, kind: str = "direction") -> PlantedProblem:
     """Build a planted problem (deterministic in all arguments).
 
     config: the SAM3 config (default tiny_config(image_size=56, width=32, queries=16)); image_size: synthetic image
     and GT mask size; vocab: None (the default 2,000-word vocabulary), an int (that many words) or a sequence of
-    allowed token ids. The images are `n_search + n_heldout` synthetic images of one concept (picked by the seed),
-    whose natural label becomes `label_ids`.
+    allowed token ids; kind: "direction" or "random" (see the module docstring). The images are
+    `n_search + n_heldout` synthetic images of one concept (picked by the seed), whose natural label becomes
+    `label_ids`.
     """
     if n_search < 1 or n_heldout < 0:
         raise ValueError(f"need n_search >= 1 and n_heldout >= 0, got {n_search}, {n_heldout}")
     if not 1 <= length <= 30:
         raise ValueError(f"length must be in [1, 30], got {length}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     cfg = config or tiny_config(image_size=56, width=32, queries=DEFAULT_QUERIES)
     concept = CONCEPT_NAMES[seed % len(CONCEPT_NAMES)]
     ds = make_dataset(n_search + n_heldout, image_size, concepts=[concept], seed=seed)
@@ -316,30 +445,32 @@ def make_planted(seed: int, n_search: int = 8, n_heldout: int = 8, length: int =
     ctx = _image_context(cfg, base, images)
     prompts = allowed[rng.integers(allowed.size, size=(CALIBRATION_PROMPTS, length))]
     params, stats = calibrate(cfg, base, ctx, prompts, image_size)
-    model = Sam3(cfg, params)
     fn = _forward_fn(cfg, image_size)
-    cand = allowed[rng.integers(allowed.size, size=(MAX_TRIES, length))]
-    for start in range(0, MAX_TRIES, 64):
-        o = _run(fn, model.params, ctx, cand[start:start + 64])
-        cover = o["pred"].mean((-2, -1))  # [n, K]
-        good = (cover >= MIN_COVER) & (cover <= MAX_COVER)
-        ok = (cover > 0).all(1) & (good.mean(1) >= MIN_GOOD_FRACTION) & (o["margin"].min(1) > MARGIN)
-        if ok.any():
-            i = int(np.argmax(ok))
-            hidden = cand[start + i]
-            gt = o["pred"][i]
-            break
+    if kind == "direction":
+        params, hidden, more = plant_direction(cfg, params, ctx, prompts, allowed, length, rng, image_size)
+        stats.update(more)
     else:
-        raise RuntimeError(f"no hidden sequence with non-trivial masks in {MAX_TRIES} draws (seed {seed})")
+        cand = allowed[rng.integers(allowed.size, size=(MAX_TRIES, length))]
+        for start in range(0, MAX_TRIES, 64):
+            ok = _acceptable(_run(fn, params, ctx, cand[start:start + 64]))
+            if ok.any():
+                hidden = cand[start + int(np.argmax(ok))]
+                stats["hidden_tries"] = start + int(np.argmax(ok)) + 1
+                break
+        else:
+            raise RuntimeError(f"no hidden sequence with non-trivial masks in {MAX_TRIES} draws (seed {seed})")
+    model = Sam3(cfg, params)
+    o = _run(fn, params, ctx, hidden[None])
+    gt = o["pred"][0]
 
     # difficulty: fresh random sequences and the label against the planted GT (search images)
-    rand = _run(fn, model.params, ctx, allowed[rng.integers(allowed.size, size=(CALIBRATION_PROMPTS, length))])
-    lab = _run(fn, model.params, ctx, label_ids[None])
+    rand = _run(fn, params, ctx, allowed[rng.integers(allowed.size, size=(CALIBRATION_PROMPTS, length))])
+    lab = _run(fn, params, ctx, label_ids[None])
     r_iou = mean_iou(rand["pred"][:, :n_search], gt[:n_search])
     stats.update(
-        hidden_tries=int(start + i + 1),
-        hidden_cover=[float(c) for c in cover[i]],
-        hidden_keep=[int(k) for k in o["keep"][i].sum(-1)],
+        kind=kind,
+        hidden_cover=[float(c) for c in gt.mean((-2, -1))],
+        hidden_keep=[int(k) for k in o["keep"][0].sum(-1)],
         random_keep_mean=float(rand["keep"].sum(-1).mean()),
         random_iou_mean=float(r_iou.mean()),
         random_iou_max=float(r_iou.max()),

@@ -24,8 +24,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ..model.preprocess import load_image, preprocess
+from ..model import layers
 from ..model.sam3 import Sam3
-from ..tokenizer import CONTEXT_LENGTH, START_ID, tokenize
+from ..tokenizer import CONTEXT_LENGTH, tokenize
 from . import scoring
 
 GRAD_COST = 3  # a value-and-grad call is counted as 3 forward evaluations per image
@@ -159,7 +160,8 @@ class Engine:
         g2 = c.vision.backbone.grid ** 2
         d, q, m2 = c.encoder.hidden_size, c.decoder.num_queries, (4 * c.vision.backbone.grid) ** 2
         item = self.model.dtype.itemsize
-        per = (c.encoder.num_attention_heads * g2 * g2 * 4  # encoder attention logits (fp32)
+        pairs = g2 * g2 if g2 * g2 < layers.BLOCKED_MIN_PAIRS else 2 * 324 * 648  # blocked attention: a block
+        per = (c.encoder.num_attention_heads * pairs * 4  # encoder attention logits (fp32)
                + 12 * g2 * max(c.encoder.intermediate_size, d) * item  # encoder/decoder activations
                + 6 * m2 * d * item + 2 * q * m2 * 4)  # pixel decoder + mask logits
         per *= 2  # headroom for fusion temporaries
@@ -214,7 +216,8 @@ class Engine:
         def one(args):
             c, g, neg = args
             c = jax.tree_util.tree_map(lambda x: x[None], c)
-            out = self.model.apply("detect_fast", c, prompt, jnp.asarray(mask), params=params)
+            # exact derivatives: SAM3's training-time stop-gradient at the box refinement would bias the search
+            out = self.model.apply("detect_fast", c, prompt, jnp.asarray(mask), params=params, detach_boxes=False)
             return scoring.soft_scores(out, g, neg)[0]
 
         s = jax.lax.map(one, (soft["ctx"], soft["gt"], soft["neg"]))  # [K]

@@ -69,18 +69,38 @@ def iou(pred: jax.Array, gt: jax.Array) -> jax.Array:
 
 
 def exact_iou(out: dict, gt: jax.Array, rows: jax.Array, cols: jax.Array, threshold: float = 0.5,
-              batch_size: int = 8) -> jax.Array:
-    """Detector outputs for N candidates on one image (pred_masks [N,Q,h,w] ...) and gt bool [H, W] -> iou [N].
+              batch_size: int = 8, max_kept: int = 16) -> jax.Array:
+    """Detector outputs for N candidates on one image (pred_masks [N, Q, h, w], pred_logits [N, Q],
+    presence_logits [N, 1]) and gt bool [H, W], rows [H, h], cols [W, w] -> iou float32 [N].
 
-    Candidates are mapped in small batches so the [Q, H, W] upsampled logits never exist for the whole chunk.
+    Candidates are mapped in batches of `batch_size` so the [Q, H, W] upsampled logits never exist for the whole
+    chunk. Only kept queries reach the union, so when no candidate keeps more than `max_kept` queries, each
+    candidate's kept queries are moved to the front and only the first `max_kept` are resized (Q / max_kept times
+    less resize work); otherwise all Q are (same result either way). The choice is a `lax.cond`: under `vmap` it
+    would run both branches, so map over images with `lax.map`, as the engine does.
     """
-    keep = query_keep(out["pred_logits"], out["presence_logits"], threshold)
+    if max_kept < 1:
+        raise ValueError(f"max_kept must be >= 1, got {max_kept}")
+    keep = query_keep(out["pred_logits"], out["presence_logits"], threshold)  # [N, Q]
+    masks = out["pred_masks"]
 
     def one(args):
-        masks, k = args
-        return iou(predicted_mask(masks, k, rows, cols), gt)
+        m, k = args  # [Q', h, w], bool [Q']
+        return iou(predicted_mask(m, k, rows, cols), gt)
 
-    return jax.lax.map(one, (out["pred_masks"], keep), batch_size=batch_size)
+    def score(m, k):
+        return jax.lax.map(one, (m, k), batch_size=batch_size)
+
+    if max_kept >= keep.shape[-1]:
+        return score(masks, keep)
+
+    def kept_first():
+        order = jnp.argsort(~keep, axis=-1, stable=True)[:, :max_kept]  # [N, max_kept]: kept queries first
+        return score(jnp.take_along_axis(masks, order[:, :, None, None], axis=1),
+                     jnp.take_along_axis(keep, order, axis=1))
+
+    few = jnp.max(jnp.sum(keep, axis=-1)) <= max_kept
+    return jax.lax.cond(few, kept_first, lambda: score(masks, keep))
 
 
 def soft_union(out: dict) -> jax.Array:

@@ -74,8 +74,9 @@ class DetrDecoder(nn.Module):
         bias = bias.reshape(b, q, height * width, -1).transpose(0, 3, 1, 2)
         return jnp.pad(bias, ((0, 0), (0, 0), (1, 0), (0, 0)))
 
-    def __call__(self, vision, vision_pos, text, text_bias, spatial: tuple[int, int]):
-        """vision: [B, HW, D] encoder output; text: [B, T, D]; text_bias: [B, 1, 1, T].
+    def __call__(self, vision, vision_pos, text, text_bias, spatial: tuple[int, int], detach_boxes: bool = True):
+        """vision: [B, HW, D] encoder output; text: [B, T, D]; text_bias: [B, 1, 1, T]. detach_boxes: stop the
+        gradient at each layer's refined boxes, as SAM3 training does (False: exact derivatives, for search).
 
         Returns dict: hidden [B, Q, D] (last layer, output-normed), ref_boxes [B, Q, 4] (input boxes of the last
         layer, cxcywh), presence_logits [B, 1] (last layer, clamped to +-10).
@@ -92,8 +93,9 @@ class DetrDecoder(nn.Module):
             hidden = self.output_layer_norm(x[:, 1:])
             ref_in = boxes
             if i < len(self.layers) - 1:  # the last refinement is recomputed by the caller via `boxes`
-                boxes = jax.lax.stop_gradient(
-                    jax.nn.sigmoid(inverse_sigmoid(boxes) + self.box_head(hidden).astype(jnp.float32)))
+                boxes = jax.nn.sigmoid(inverse_sigmoid(boxes) + self.box_head(hidden).astype(jnp.float32))
+                if detach_boxes:
+                    boxes = jax.lax.stop_gradient(boxes)
         presence = self.presence_head(self.presence_layer_norm(x[:, :1]))[..., 0]
         presence = jnp.clip(presence.astype(jnp.float32), -PRESENCE_CLAMP, PRESENCE_CLAMP)
         return {"hidden": hidden, "ref_boxes": ref_in, "presence_logits": presence}

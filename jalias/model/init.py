@@ -48,3 +48,32 @@ def random_tree(shapes: dict[tuple[str, ...], tuple[int, ...]], seed: int = 0, g
             node = node.setdefault(p, {})
         node[leaf] = arr.astype(np.float32)
     return params
+
+
+PROBE_NAMES = ("pixel_decoder", "query_proj", "text_proj")
+
+
+def probe(config: Sam3Config, params: dict, pixel_values, ids, mask, names=PROBE_NAMES) -> tuple[dict, dict]:
+    """One full forward (pixel_values [B, 3, S, S], ids/mask [B, T]) that also captures the outputs of the
+    submodules named in `names`. Returns (outputs, {name: numpy array of that module's first output}); used to
+    calibrate random weights so predictions depend on the prompt."""
+    import jax
+
+    from .sam3 import Sam3Module
+
+    fn = jax.jit(lambda p, *a: Sam3Module(config).apply({"params": p}, *a, mutable=["intermediates"],
+                                                          capture_intermediates=lambda m, _: m.name in names))
+    out, state = fn(params, pixel_values, ids, mask)
+    found = {}
+    jax.tree_util.tree_map_with_path(
+        lambda path, x: found.setdefault(next(k.key for k in path if getattr(k, "key", None) in names), np.asarray(x)),
+        state["intermediates"])
+    return out, found
+
+
+def centre_masks(params: dict, pixel_embedding: np.ndarray) -> None:
+    """Set the mask head's instance-projection bias (in place) so that the mean probed pixel embedding
+    (pixel_embedding [..., C], from `probe`) projects to zero: masks then cover part of the image, not all of it."""
+    proj = params["mask_decoder"]["instance_projection"]
+    mean = pixel_embedding.reshape(-1, pixel_embedding.shape[-1]).mean(0)
+    proj["bias"] = (-mean @ proj["kernel"][0, 0]).astype(np.float32)

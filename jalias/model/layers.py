@@ -46,21 +46,90 @@ def dense(features: int, dtype, name: str, use_bias: bool = True) -> nn.Dense:
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name)
 
 
+# Above this many query x key positions `attend` never materialises the [B, N, T, S] logits and runs
+# `attend_blocked` instead: on CPU the logits' memory traffic, not the FLOPs, was the cost (SAM3's 5184-token
+# self-attention: ~4x faster blocked). Set by tests to force either path; read at trace time.
+BLOCKED_MIN_PAIRS = 1 << 22
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = None) -> jax.Array:
     """Scaled dot-product attention.
 
     q: [B, T, N, H], k/v: [B, S, N, H], bias: additive, broadcastable to [B, N, T, S]. Returns [B, T, N, H].
-    Softmax runs in float32 whatever the input dtype.
+    Softmax runs in float32 whatever the input dtype. Large T x S goes to `attend_blocked` (same result).
     """
     if ATTENTION_IMPL["impl"] == "cudnn" and q.dtype in (jnp.bfloat16, jnp.float16):
         b = None if bias is None else bias.astype(q.dtype)
         return jax.nn.dot_product_attention(q, k, v, bias=b, implementation="cudnn")
+    if q.shape[1] * k.shape[1] >= BLOCKED_MIN_PAIRS:
+        return attend_blocked(q, k, v, bias)
     scale = 1.0 / math.sqrt(q.shape[-1])
     logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bnts,bsnh->btnh", weights, v)
+
+
+def attend_blocked(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = None,
+                   q_block: int = 324, k_block: int = 648) -> jax.Array:
+    """`attend` without the [B, N, T, S] logits: query blocks (lax.map) x key blocks (lax.scan), online softmax.
+
+    q: [B, T, N, H], k/v: [B, S, N, H], bias: additive, broadcastable to [B, N, T, S] (finite, e.g. MASK_VALUE).
+    Returns [B, T, N, H] in v's dtype; equal to `attend` up to float rounding (max / sum / accumulator in float32).
+    T and S need not be multiples of the block sizes: padded keys are masked, padded queries dropped. Peak extra
+    memory is one [B, N, q_block, k_block] float32 block. Default blocks tile SAM3's 72 x 72 = 5184-token grid.
+    """
+    b, t, n, h = q.shape
+    s = k.shape[1]
+    qb, kb = min(q_block, t), min(k_block, s)
+    nq, nk = -(-t // qb), -(-s // kb)
+    q = q * jnp.asarray(1.0 / math.sqrt(h), q.dtype)  # scaled once, not in every logits block (~10% on CPU)
+
+    if bias is None:
+        bias = jnp.zeros((1, 1, 1, s), jnp.float32)
+    bias = bias.astype(jnp.float32).reshape((1,) * (4 - bias.ndim) + bias.shape)
+    per_query = bias.shape[2] != 1
+    bias = jnp.broadcast_to(bias, bias.shape[:2] + (t if per_query else 1, s))
+    # Padded keys get a bias below MASK_VALUE so that even a row whose real keys are all masked ignores them
+    # (as `attend` does: uniform weights over the real keys only).
+    bias = jnp.pad(bias, ((0, 0), (0, 0), (0, nq * qb - t if per_query else 0), (0, nk * kb - s)),
+                   constant_values=2 * MASK_VALUE)
+    bb, bn = bias.shape[:2]
+    q = jnp.pad(q, ((0, 0), (0, nq * qb - t), (0, 0), (0, 0)))
+    k = jnp.pad(k, ((0, 0), (0, nk * kb - s), (0, 0), (0, 0)))
+    v = jnp.pad(v, ((0, 0), (0, nk * kb - s), (0, 0), (0, 0)))
+    qs = q.reshape(b, nq, qb, n, h).transpose(1, 0, 3, 2, 4)  # [nq, B, N, qb, H]
+    ks = k.reshape(b, nk, kb, n, h).transpose(1, 0, 3, 4, 2)  # [nk, B, N, H, kb]
+    vs = v.reshape(b, nk, kb, n, h).transpose(1, 0, 3, 2, 4)  # [nk, B, N, kb, H]
+    if per_query:  # bias blocks travel with their query block: [nq, nk, b, n, qb, kb]
+        q_bias, shared_bias = bias.reshape(bb, bn, nq, qb, nk, kb).transpose(2, 4, 0, 1, 3, 5), None
+    else:  # one [nk, b, n, 1, kb] for every query block
+        q_bias, shared_bias = None, bias.reshape(bb, bn, 1, nk, kb).transpose(3, 0, 1, 2, 4)
+
+    def query_block(args):
+        qq, kv_bias = args  # [B, N, qb, H], [nk, b, n, qb, kb] or None
+
+        def key_block(carry, blk):
+            m, l, acc = carry  # running max [B, N, qb], softmax denominator [B, N, qb], numerator [B, N, qb, H]
+            kk, vv, bk = blk
+            logits = jnp.matmul(qq, kk, preferred_element_type=jnp.float32) + bk
+            # The running max cancels out of the result, so no gradient needs to flow through it.
+            m_new = jax.lax.stop_gradient(jnp.maximum(m, logits.max(-1)))
+            p = jnp.exp(logits - m_new[..., None])
+            c = jnp.exp(m - m_new)
+            pv = jnp.matmul(p.astype(vv.dtype), vv, preferred_element_type=jnp.float32)
+            return (m_new, l * c + p.sum(-1), acc * c[..., None] + pv), None
+
+        # start the max at the most negative finite float, not -inf: exp(m - m_new) is then never inf - inf
+        init = (jnp.full(qq.shape[:-1], jnp.finfo(jnp.float32).min, jnp.float32),
+                jnp.zeros(qq.shape[:-1], jnp.float32), jnp.zeros(qq.shape, jnp.float32))
+        blocks = (ks, vs, shared_bias if kv_bias is None else kv_bias)
+        (_, l, acc), _ = jax.lax.scan(key_block, init, blocks)
+        return (acc / l[..., None]).astype(v.dtype)
+
+    out = jax.lax.map(query_block, (qs, q_bias))  # [nq, B, N, qb, H]
+    return out.transpose(1, 0, 3, 2, 4).reshape(b, nq * qb, n, h)[:, :t]
 
 
 def key_padding_bias(mask: jax.Array | None) -> jax.Array | None:

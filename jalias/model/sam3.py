@@ -78,12 +78,13 @@ class Sam3Module(nn.Module):
         return self.encode_text(self.embed_tokens(input_ids), attention_mask)[0]
 
     # ---- fusion + heads -------------------------------------------------------------------------------------------
-    def detect(self, image, prompt, prompt_mask, fast: bool = False):
+    def detect(self, image, prompt, prompt_mask, fast: bool = False, detach_boxes: bool = True):
         """image: context from `encode_image` (batch 1 or B); prompt [B, T, D]; prompt_mask [B, T] (1 = valid).
 
         Returns dict: pred_logits [B, Q], pred_boxes [B, Q, 4] (xyxy, normalised), presence_logits [B, 1],
         pred_masks [B, Q, 4g, 4g] (logits), and semantic_seg [B, 1, 4g, 4g] unless fast. All float32.
-        fast=True uses the engine's reordered mask decoder (same values up to float rounding).
+        fast=True uses the engine's reordered mask decoder (same values up to float rounding). detach_boxes=False
+        lets gradients flow through the decoder's box refinement (SAM3 detaches it; search wants exact gradients).
         """
         b = prompt.shape[0]
         g = self.cfg.vision.backbone.grid
@@ -92,7 +93,7 @@ class Sam3Module(nn.Module):
         enc0 = jnp.broadcast_to(image["enc0"].astype(self.dtype), (b, *image["enc0"].shape[1:]))
         enc = self.detr_encoder(enc0, pos, prompt, bias, first_done=True)
         pos_b = jnp.broadcast_to(jnp.asarray(pos), enc.shape)
-        dec = self.detr_decoder(enc, pos_b, prompt, bias, (g, g))
+        dec = self.detr_decoder(enc, pos_b, prompt, bias, (g, g), detach_boxes)
         out = {
             "pred_logits": self.dot_product_scoring(dec["hidden"], prompt, prompt_mask),
             "pred_boxes": self.detr_decoder.boxes(dec["hidden"], dec["ref_boxes"]),
@@ -104,8 +105,8 @@ class Sam3Module(nn.Module):
             out["pred_masks"], out["semantic_seg"] = self.mask_decoder(dec["hidden"], image["fpn"], enc, prompt, bias)
         return out
 
-    def detect_fast(self, image, prompt, prompt_mask):
-        return self.detect(image, prompt, prompt_mask, fast=True)
+    def detect_fast(self, image, prompt, prompt_mask, detach_boxes: bool = True):
+        return self.detect(image, prompt, prompt_mask, fast=True, detach_boxes=detach_boxes)
 
     def __call__(self, pixel_values, input_ids, attention_mask):
         """Full forward, same inputs/outputs as transformers' Sam3Model (text prompts)."""
