@@ -359,3 +359,20 @@ def test_soft_uses_engine_value_and_grad_and_negative_weight():
     r = run_search("soft", e, config_for("soft", budget=300, negative_weight=0.25))
     assert e.calls and set(e.calls) == {0.25} and e.soft_calls == 0  # soft_loss itself was never run
     assert r.evals_used == e.evals <= 300 and r.best
+
+
+def test_gcg_patience_restarts_and_resumes_exactly():
+    """patience=2: a walk that has not beaten its own best for 2 steps restarts from random tokens; the run
+    stays within budget, its result is the best seen over all walks, and resuming mid-run is exact."""
+    cfg = config_for("gcg", budget=3000, seed=1, patience=2, search_width=16, topk=4)
+    states = []
+    full = run_search("gcg", engine(), cfg, on_checkpoint=lambda s: states.append(json.loads(json.dumps(s))))
+    assert full.evals_used <= 3000
+    restarts = [s["method_state"]["restarts"] for s in states]
+    assert restarts[-1] >= 1 and restarts == sorted(restarts), restarts
+    assert full.best[0].objective == pytest.approx(max(h[1] for h in full.history))
+    middle = next(s for s in states if s["method_state"]["restarts"] >= 1)
+    resumed = run_search("gcg", engine(), cfg, resume_state=middle)
+    assert comparable(resumed) == comparable(full)
+    with pytest.raises(ValueError, match="patience"):
+        run_search("gcg", engine(), config_for("gcg", patience=0))

@@ -3,7 +3,8 @@
 Each step: gradient of the soft loss w.r.t. the one-hot tokens of the current sequence -> for every position the
 top-k allowed tokens with the most negative gradient -> a large batch of candidates, each replacing n_replace
 random positions by random top-k tokens -> exact scores of the batch in one call -> move to the batch best (or
-only when it improves, with keep_if_better). The result is always the best sequence seen.
+only when it improves, with keep_if_better). With `patience`, a walk that has not beaten its own best for that many
+steps restarts from random tokens. The result is always the best sequence seen.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class GCGConfig(SearchConfig):
     n_replace: int = 1  # positions changed per candidate
     keep_if_better: bool = False  # False: move to the batch best even if worse (as nanoGCG)
     max_steps: Optional[int] = None  # None: until the budget is spent
+    patience: Optional[int] = None  # restart from random tokens after this many steps without a new walk best
 
     def validate(self, engine: ScoringEngine) -> None:
         super().validate(engine)
@@ -37,6 +39,8 @@ class GCGConfig(SearchConfig):
             raise ValueError(f"search_width and topk must be >= 1, got {self.search_width}, {self.topk}")
         if not 1 <= self.n_replace <= self.length:
             raise ValueError(f"n_replace must be in [1, length={self.length}], got {self.n_replace}")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be >= 1 or None, got {self.patience}")
 
 
 def top_k_tokens(grad: np.ndarray, allowed_mask: np.ndarray, k: int) -> np.ndarray:
@@ -80,13 +84,24 @@ def run(engine: ScoringEngine, config: Optional[GCGConfig] = None, *,
     sr = SearchRun("gcg", engine, config, on_checkpoint, resume_state)
     budget, rng = sr.budget, sr.rng
 
-    st = sr.state
-    if st is None:
-        ids = initial_ids(config, sr.allowed, rng)
+    def start_from(ids: np.ndarray) -> Optional[dict]:
         scored = budget.evaluate(ids[None])
         if not scored.full[0]:
+            return None
+        obj = float(scored.objective[0])
+        return {"ids": ids.tolist(), "objective": obj, "walk_best": obj, "stale": 0}
+
+    st = sr.state
+    if st is None:
+        st = start_from(initial_ids(config, sr.allowed, rng))
+        if st is None:
             return sr.result("budget")
-        st = sr.checkpoint({"ids": ids.tolist(), "objective": float(scored.objective[0]), "step": 0})
+        st.update(step=0, restarts=0)
+        sr.checkpoint(st)
+    else:  # a checkpoint written before restarts existed
+        st.setdefault("walk_best", st["objective"])
+        st.setdefault("stale", 0)
+        st.setdefault("restarts", 0)
 
     while True:
         if config.max_steps is not None and st["step"] >= config.max_steps:
@@ -110,5 +125,16 @@ def run(engine: ScoringEngine, config: Optional[GCGConfig] = None, *,
         # 3. move to the batch best
         if best is not None and (not config.keep_if_better or scored.objective[best] > current):
             st.update(ids=cands[best].tolist(), objective=float(scored.objective[best]))
+        if st["objective"] > st["walk_best"]:
+            st.update(walk_best=st["objective"], stale=0)
+        else:
+            st["stale"] += 1
+        # 4. a walk that stopped improving starts over (the best candidates seen stay in the result)
+        if config.patience is not None and st["stale"] >= config.patience:
+            fresh = start_from(sr.allowed[rng.integers(sr.allowed.size, size=config.length)].astype(np.int32))
+            if fresh is None:
+                return sr.result("budget")
+            st.update(fresh)
+            st["restarts"] += 1
         st["step"] += 1
         sr.checkpoint(st)
