@@ -179,17 +179,21 @@ def _forward_fn(cfg: Sam3Config, size: int):
     return jax.jit(fwd)
 
 
-def _run(fn, params, ctx, ids: np.ndarray, chunk: int = 64) -> dict:
-    """Apply a `_forward_fn` to ids int[N, L] in fixed-size chunks -> dict of numpy [N, K, ...]."""
+def _chunked(call, ids: np.ndarray, chunk: int):
+    """Yield (call(input_ids [chunk, T], mask [chunk, T]), n valid rows) over ids int[N, L] in fixed-size chunks;
+    the last chunk is padded by repeating its final row, so every call has one compiled shape."""
     ids = np.asarray(ids, np.int32)
-    outs = []
     for s in range(0, len(ids), chunk):
         part = ids[s:s + chunk]
         n = len(part)
-        part = np.concatenate([part, np.repeat(part[-1:], chunk - n, 0)])  # one compiled shape
-        input_ids, mask = scoring.layout_prompts(part)
-        o = fn(params, ctx, jnp.asarray(input_ids), jnp.asarray(mask))
-        outs.append({k: np.swapaxes(np.asarray(v), 0, 1)[:n] for k, v in o.items()})
+        input_ids, mask = scoring.layout_prompts(np.concatenate([part, np.repeat(part[-1:], chunk - n, 0)]))
+        yield call(jnp.asarray(input_ids), jnp.asarray(mask)), n
+
+
+def _run(fn, params, ctx, ids: np.ndarray, chunk: int = 64) -> dict:
+    """Apply a `_forward_fn` to ids int[N, L] in fixed-size chunks -> dict of numpy [N, K, ...]."""
+    outs = [{k: np.swapaxes(np.asarray(v), 0, 1)[:n] for k, v in o.items()}
+            for o, n in _chunked(lambda i, m: fn(params, ctx, i, m), ids, chunk)]
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
 
@@ -214,13 +218,8 @@ def _prompt_feature_fn(cfg: Sam3Config):
 def _prompt_features(cfg: Sam3Config, params: dict, ids: np.ndarray, chunk: int = 512) -> np.ndarray:
     """float64[N, D] `_prompt_feature_fn` of ids int[N, L], in fixed-size chunks."""
     fn = _prompt_feature_fn(cfg)
-    out = []
-    for s in range(0, len(ids), chunk):
-        part = np.asarray(ids[s:s + chunk], np.int32)
-        n = len(part)
-        input_ids, mask = scoring.layout_prompts(np.concatenate([part, np.repeat(part[-1:], chunk - n, 0)]))
-        out.append(np.asarray(fn(params, jnp.asarray(input_ids), jnp.asarray(mask)), np.float64)[:n])
-    return np.concatenate(out)
+    return np.concatenate([np.asarray(o, np.float64)[:n]
+                           for o, n in _chunked(lambda i, m: fn(params, i, m), ids, chunk)])
 
 
 def _acceptable(o: dict) -> np.ndarray:

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ..model.preprocess import load_image, preprocess
 from ..model import layers
+from ..model.preprocess import load_image, preprocess
 from ..model.sam3 import Sam3
 from ..tokenizer import CONTEXT_LENGTH, tokenize
 from . import scoring
@@ -160,7 +160,8 @@ class Engine:
         g2 = c.vision.backbone.grid ** 2
         d, q, m2 = c.encoder.hidden_size, c.decoder.num_queries, (4 * c.vision.backbone.grid) ** 2
         item = self.model.dtype.itemsize
-        pairs = g2 * g2 if g2 * g2 < layers.BLOCKED_MIN_PAIRS else 2 * 324 * 648  # blocked attention: a block
+        # blocked attention holds about two [q_block, k_block] logit blocks, not the whole [g2, g2]
+        pairs = g2 * g2 if g2 * g2 < layers.BLOCKED_MIN_PAIRS else 2 * layers.Q_BLOCK * layers.K_BLOCK
         per = (c.encoder.num_attention_heads * pairs * 4  # encoder attention logits (fp32)
                + 12 * g2 * max(c.encoder.intermediate_size, d) * item  # encoder/decoder activations
                + 6 * m2 * d * item + 2 * q * m2 * 4)  # pixel decoder + mask logits

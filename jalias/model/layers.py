@@ -50,6 +50,7 @@ def dense(features: int, dtype, name: str, use_bias: bool = True) -> nn.Dense:
 # `attend_blocked` instead: on CPU the logits' memory traffic, not the FLOPs, was the cost (SAM3's 5184-token
 # self-attention: ~4x faster blocked). Set by tests to force either path; read at trace time.
 BLOCKED_MIN_PAIRS = 1 << 22
+Q_BLOCK, K_BLOCK = 324, 648  # `attend_blocked` block sizes: they tile SAM3's 72 x 72 = 5184-token grid
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = None) -> jax.Array:
@@ -72,13 +73,13 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = No
 
 
 def attend_blocked(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = None,
-                   q_block: int = 324, k_block: int = 648) -> jax.Array:
+                   q_block: int = Q_BLOCK, k_block: int = K_BLOCK) -> jax.Array:
     """`attend` without the [B, N, T, S] logits: query blocks (lax.map) x key blocks (lax.scan), online softmax.
 
     q: [B, T, N, H], k/v: [B, S, N, H], bias: additive, broadcastable to [B, N, T, S] (finite, e.g. MASK_VALUE).
     Returns [B, T, N, H] in v's dtype; equal to `attend` up to float rounding (max / sum / accumulator in float32).
     T and S need not be multiples of the block sizes: padded keys are masked, padded queries dropped. Peak extra
-    memory is one [B, N, q_block, k_block] float32 block. Default blocks tile SAM3's 72 x 72 = 5184-token grid.
+    memory is one [B, N, q_block, k_block] float32 block.
     """
     b, t, n, h = q.shape
     s = k.shape[1]

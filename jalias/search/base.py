@@ -305,9 +305,14 @@ def allowed_token_ids(
     return ids
 
 
+def random_ids(allowed: np.ndarray, length: int, rng: np.random.Generator) -> np.ndarray:
+    """int32[length] tokens drawn uniformly (with replacement) from the allowed ids int32[M]."""
+    return allowed[rng.integers(allowed.size, size=length)].astype(np.int32)
+
+
 def initial_ids(config: SearchConfig, allowed: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """int32[length] starting sequence: random allowed tokens, or the label padded with random allowed tokens."""
-    ids = allowed[rng.integers(allowed.size, size=config.length)].astype(np.int32)
+    ids = random_ids(allowed, config.length, rng)
     if config.init == "label":
         label = np.asarray(config.label_ids, dtype=np.int32)
         ids[: label.size] = label

@@ -21,6 +21,7 @@ from jalias.search.base import (
     SearchRun,
     coerce_config,
     initial_ids,
+    random_ids,
 )
 
 
@@ -131,7 +132,7 @@ def run(engine: ScoringEngine, config: Optional[GCGConfig] = None, *,
             st["stale"] += 1
         # 4. a walk that stopped improving starts over (the best candidates seen stay in the result)
         if config.patience is not None and st["stale"] >= config.patience:
-            fresh = start_from(sr.allowed[rng.integers(sr.allowed.size, size=config.length)].astype(np.int32))
+            fresh = start_from(random_ids(sr.allowed, config.length, rng))
             if fresh is None:
                 return sr.result("budget")
             st.update(fresh)

@@ -19,6 +19,7 @@ from jalias.search.base import (
     SearchRun,
     coerce_config,
     initial_ids,
+    random_ids,
 )
 
 
@@ -101,7 +102,7 @@ def run(engine: ScoringEngine, config: Optional[LocalConfig] = None, *,
             st["stuck"] += 1
         if st["stuck"] >= length:
             if config.restart:
-                fresh = start_from(allowed[rng.integers(allowed.size, size=length)].astype(np.int32))
+                fresh = start_from(random_ids(allowed, length, rng))
                 if fresh is None:
                     return sr.result("budget")
                 st.update(fresh)
