@@ -3,15 +3,15 @@
 Each problem is `jalias.data.planted.make_planted(seed, kind=...)`: a calibrated tiny SAM3, synthetic images of
 one concept, and as ground truth the masks of a hidden 4-token sequence (which scores IoU 1.0 by construction).
 `--kind direction` (default) plants a graded concept direction whose best sequence is the hidden one; `--kind
-random` is the unstructured control (see the module's docstring). Every method (evolution tuned and as in the
-original code, local, gcg, soft) runs with the same budget, seeds and vocabulary (the problem's `allowed_vocab`,
-given to every method as `allowed_tokens`). Reported:
+random` is the unstructured control (see the module's docstring). Every method (evolution with two tuned halving
+settings and as in the original code, local, gcg, soft) runs with the same budget, seeds and vocabulary (the
+problem's `allowed_vocab`, given to every method as `allowed_tokens`). Reported:
 
 * best train IoU (mean over the search images) at each budget of the ladder, mean over problems x seeds;
 * held-out IoU of each run's best sequence (an Engine over the problem's held-out images);
 * evaluations to 0.9: where a run's history first reaches train IoU >= 0.9 (median over runs, "not reached"
   when fewer than half of the runs reach it), and the issue's target: the best method reaches 0.9 with at most
-  1/10 of the evaluations evolution needs (or evolution does not reach it within 10x that);
+  1/10 of the evaluations the fastest evolution row needs (or evolution does not reach it within 10x that);
 * baselines: the concept's natural label and random sequences from the same vocabulary.
 
 Budgets: every method runs until its budget is spent and is deterministic for its seed, so a run with the largest
@@ -52,16 +52,30 @@ N_RANDOM = 64  # random sequences per problem for the random baseline
 #       2120,-,4184 / 1586,2584,2188 / 4894,-,3776 / 1804,11760,3800 / 2104,-,1408 / 2120,-,4184;
 #   gcg 64,32+halving with restarts after 10 / 20 stale steps (seeds 0-5): evaluations to 0.9 unchanged, best IoU
 #       at 30k .955/.969 vs .943 without (mean of 6 seeds), so patience 20.
+# Second sweep (session 3), seeds 0-9 x search seeds 0-2 (30 runs, budget 20k; median evaluations to 0.9, runs
+# reaching it, geometric mean with "not reached" counted as 40k):
+#   gcg topk 32 + halving(2 images, eta 4) [the previous setting]: 2,584, 24/30, 3,790;
+#   topk 64: 2,902, 25/30, 3,831;  topk 64 + halving(1 image, eta 8): 2,204, 27/30, 2,700 [chosen];
+#   topk 32 + halving(1 image, eta 8) (12 runs): no better than topk 32 with 2 images (2,360 vs 2,382, 9/12 vs 11/12);
+#   width 128 / topk 64 / halving(1, eta 8), width 32 / topk 16, patience 10, restarts from the best with 1-2
+#   tokens re-drawn, a minimum relative gain for patience, and single swaps enumerated in gradient order
+#   (keep-if-better): none better. From near-miss starts (IoU 0.84-0.9, seeds 0-3, 26 runs) topk 64 needs 894
+#   evaluations to 0.9 (median) vs 1,194 for topk 32: near the top the few improving swaps have gradient ranks
+#   ~80-600 of 2,000 (9 of 8,000 single swaps at one measured point), mostly beyond a top-32.
+#   evolution 32 + halving(1 image, eta 8) vs (2 images, eta 4), seeds 0-6 at 60k: 12,878 vs 19,336 median, so both
+#   evolution rows are kept and the target is judged against the faster one.
 # ("." = not run). "evolution-original" is the original research code's setting (population 50, no halving), kept
-# as a second baseline; the target is judged against the tuned "evolution".
-# Halving: score on 2 images first and pass the best quarter (eta 4) or half (eta 2) on to all 8 images.
+# as a third baseline.
+# Halving: score on 1 or 2 images first and pass the best 1/eta on to all 8 images.
 HALVING2 = dict(mode="on", min_images=2, eta=2.0)
 HALVING4 = dict(mode="on", min_images=2, eta=4.0)
+HALVING8 = dict(mode="on", min_images=1, eta=8.0)
 SETTINGS = {  # name -> (search method, its settings)
     "evolution": ("evolution", dict(population=32, generations=None, halving=HALVING4)),
+    "evolution-1img": ("evolution", dict(population=32, generations=None, halving=HALVING8)),
     "evolution-original": ("evolution", dict(population=50, generations=None)),
     "local": ("local", dict(n_candidates=64, halving=HALVING2)),
-    "gcg": ("gcg", dict(search_width=64, topk=32, patience=20, halving=HALVING4)),
+    "gcg": ("gcg", dict(search_width=64, topk=64, patience=20, halving=HALVING8)),
     "soft": ("soft", dict()),
 }
 
@@ -180,25 +194,31 @@ def summarise(problems: list[dict], methods: list[str], budgets: list[int]) -> d
 
 def target_verdict(res: dict, max_budget: int) -> dict:
     """Issue target: best method reaches 0.9 with <= 1/10 of evolution's evaluations (or evolution does not reach
-    it within 10x the best method's evaluations)."""
+    it within 10x the best method's evaluations). "Evolution" is the fastest of the evolution rows that ran."""
     reached = {m: r["evals_to_0.9"] for m, r in res.items()
                if not m.startswith("evolution") and r["evals_to_0.9"] is not None}
-    evo = res.get("evolution", {}).get("evals_to_0.9")
+    evos = {m: r["evals_to_0.9"] for m, r in res.items() if m.startswith("evolution")}
+    got = {m: e for m, e in evos.items() if e is not None}
+    evo_name = min(got, key=got.get) if got else "evolution"
+    evo = got.get(evo_name)
+    out = {"best_method": None, "best_evals": None, "evolution_method": evo_name if got else None,
+           "evolution_evals": evo, "ratio": None}
+    if not evos:
+        return {**out, "met": None, "why": "no evolution run to compare with"}
     if not reached:
-        why = (f"evolution reaches {THRESHOLD} at {evo:.0f} evaluations (median run), no other method does"
+        why = (f"{evo_name} reaches {THRESHOLD} at {evo:.0f} evaluations (median run), no other method does"
                if evo is not None else f"no method reaches {THRESHOLD} in the median run")
-        return {"met": False, "best_method": None, "best_evals": None, "evolution_evals": evo, "ratio": None,
-                "why": why}
+        return {**out, "met": False, "why": why}
     best = min(reached, key=reached.get)
     need = TARGET_FACTOR * reached[best]
     if evo is not None:
-        met, why = evo >= need, f"evolution needs {evo:.0f} evaluations, {evo / reached[best]:.2f}x {best}'s"
+        met, why = evo >= need, f"{evo_name} needs {evo:.0f} evaluations, {evo / reached[best]:.2f}x {best}'s"
     elif max_budget >= need:
         met, why = True, f"evolution does not reach 0.9 within {max_budget} >= 10x {best}'s {reached[best]:.0f}"
     else:
         met, why = None, (f"undecided: evolution does not reach 0.9 within {max_budget}, less than 10x {best}'s "
                           f"{reached[best]:.0f}")
-    return {"met": met, "best_method": best, "best_evals": reached[best], "evolution_evals": evo,
+    return {**out, "met": met, "best_method": best, "best_evals": reached[best],
             "ratio": None if evo is None else evo / reached[best], "why": why}
 
 
@@ -277,6 +297,9 @@ def main(argv=None) -> dict:
                          "the unstructured random control")
     ap.add_argument("--resume", action="store_true",
                     help="reuse the problems already in --json from an interrupted run with the same settings")
+    ap.add_argument("--merge", type=Path, nargs="+",
+                    help="run nothing: summarise the runs stored in these --json files (same problems and seeds; a "
+                         "method's runs come from the last file that has it)")
     args = ap.parse_args(argv)
     preset = PRESETS["quick" if args.quick else "full"]
     problems_ids = args.problems or preset["problems"]
@@ -293,7 +316,12 @@ def main(argv=None) -> dict:
         old = json.loads(args.json.read_text())
         if old.get("settings", {}).get("run") == run_key(args.methods, seeds, budgets, args.kind):
             done = {p["problem"]: p for p in old.get("problems", [])}
-    for p in problems_ids:
+    if args.merge:
+        problems = merge_runs([json.loads(f.read_text())["problems"] for f in args.merge])
+        problems_ids = [p["problem"] for p in problems]
+        seeds = sorted({r["seed"] for p in problems for runs in p["runs"].values() for r in runs})
+        args.methods = [m for m in SETTINGS if m in problems[0]["runs"]]
+    for p in ([] if args.merge else problems_ids):
         problems.append(done[p] if p in done else run_problem(p, seeds, budgets[-1], args.methods, log, args.kind))
         if args.json:  # partial results after every problem
             write_json(args.json, {"settings": {"run": run_key(args.methods, seeds, budgets, args.kind)},
@@ -306,12 +334,29 @@ def main(argv=None) -> dict:
     result = {**summary["methods"], "baselines": summary["baselines"], "target": summary["target"],
               "settings": {"methods": SETTINGS, "problems": problems_ids, "seeds": seeds, "budgets": budgets,
                            "threshold": THRESHOLD, "kind": args.kind, "total_s": total, "devices": _devices(),
-                           "run": run_key(args.methods, seeds, budgets, args.kind)},
+                           "run": run_key(args.methods, seeds, budgets, args.kind),
+                           "merged_from": [str(f) for f in args.merge or []]},
               "problems": problems}
     if args.json:
         write_json(args.json, result)
         print(f"json: {args.json}")
     return result
+
+
+def merge_runs(files: list[list[dict]]) -> list[dict]:
+    """Per-problem results of several runs (each a list of problem dicts) -> one list: baselines from the first file,
+    each method's runs from the last file that has it. Every file must hold the same problems."""
+    ids = [p["problem"] for p in files[0]]
+    for f in files[1:]:
+        if [p["problem"] for p in f] != ids:
+            raise SystemExit(f"--merge: files hold different problems ({ids} vs {[p['problem'] for p in f]})")
+    merged = []
+    for i in range(len(ids)):
+        p = {**files[0][i], "runs": {}}
+        for f in files:
+            p["runs"].update(f[i]["runs"])
+        merged.append(p)
+    return merged
 
 
 def run_key(methods: list[str], seeds: list[int], budgets: list[int], kind: str) -> str:
