@@ -298,8 +298,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--resume", action="store_true",
                     help="reuse the problems already in --json from an interrupted run with the same settings")
     ap.add_argument("--merge", type=Path, nargs="+",
-                    help="run nothing: summarise the runs stored in these --json files (same problems and seeds; a "
-                         "method's runs come from the last file that has it)")
+                    help="run nothing: summarise the runs stored in these --json files of the same problems (each "
+                         "method's runs pooled by search seed; a later file replaces the same seed)")
     args = ap.parse_args(argv)
     preset = PRESETS["quick" if args.quick else "full"]
     problems_ids = args.problems or preset["problems"]
@@ -345,17 +345,19 @@ def main(argv=None) -> dict:
 
 def merge_runs(files: list[list[dict]]) -> list[dict]:
     """Per-problem results of several runs (each a list of problem dicts) -> one list: baselines from the first file,
-    each method's runs from the last file that has it. Every file must hold the same problems."""
+    each method's runs pooled over the files by search seed (a later file replaces the same seed). Every file must
+    hold the same problems."""
     ids = [p["problem"] for p in files[0]]
     for f in files[1:]:
         if [p["problem"] for p in f] != ids:
             raise SystemExit(f"--merge: files hold different problems ({ids} vs {[p['problem'] for p in f]})")
     merged = []
     for i in range(len(ids)):
-        p = {**files[0][i], "runs": {}}
+        by_seed: dict[str, dict] = {}
         for f in files:
-            p["runs"].update(f[i]["runs"])
-        merged.append(p)
+            for m, runs in f[i]["runs"].items():
+                by_seed.setdefault(m, {}).update({r["seed"]: r for r in runs})
+        merged.append({**files[0][i], "runs": {m: [rs[k] for k in sorted(rs)] for m, rs in by_seed.items()}})
     return merged
 
 

@@ -45,11 +45,12 @@ def test_target_when_evolution_never_reaches_or_is_missing():
     assert v["met"] is False and "no other method" in v["why"]
 
 
-def test_merge_takes_each_method_from_the_last_file():
-    a = [{"problem": 10, "label_iou": 0.1, "runs": {"gcg": ["old"], "soft": ["s"]}}]
-    b = [{"problem": 10, "label_iou": 0.9, "runs": {"gcg": ["new"]}}]
+def test_merge_pools_runs_by_seed():
+    a = [{"problem": 10, "label_iou": 0.1, "runs": {"gcg": [{"seed": 0, "v": "old"}], "soft": [{"seed": 0}]}}]
+    b = [{"problem": 10, "label_iou": 0.9, "runs": {"gcg": [{"seed": 1, "v": "b1"}, {"seed": 0, "v": "new"}]}}]
     (m,) = bench.merge_runs([a, b])
-    assert m["label_iou"] == 0.1 and m["runs"] == {"gcg": ["new"], "soft": ["s"]}
-    assert a[0]["runs"]["gcg"] == ["old"]  # inputs are not modified
+    assert m["label_iou"] == 0.1 and m["runs"]["soft"] == [{"seed": 0}]
+    assert m["runs"]["gcg"] == [{"seed": 0, "v": "new"}, {"seed": 1, "v": "b1"}]  # same seed replaced, new seed added
+    assert a[0]["runs"]["gcg"] == [{"seed": 0, "v": "old"}]  # inputs are not modified
     with pytest.raises(SystemExit, match="different problems"):
         bench.merge_runs([a, [{"problem": 11, "runs": {}}]])
