@@ -199,10 +199,10 @@ def target_verdict(res: dict, max_budget: int) -> dict:
                if not m.startswith("evolution") and r["evals_to_0.9"] is not None}
     evos = {m: r["evals_to_0.9"] for m, r in res.items() if m.startswith("evolution")}
     got = {m: e for m, e in evos.items() if e is not None}
-    evo_name = min(got, key=got.get) if got else "evolution"
+    evo_name = min(got, key=got.get) if got else None
     evo = got.get(evo_name)
-    out = {"best_method": None, "best_evals": None, "evolution_method": evo_name if got else None,
-           "evolution_evals": evo, "ratio": None}
+    out = {"best_method": None, "best_evals": None, "evolution_method": evo_name, "evolution_evals": evo,
+           "ratio": None}
     if not evos:
         return {**out, "met": None, "why": "no evolution run to compare with"}
     if not reached:
@@ -310,22 +310,23 @@ def main(argv=None) -> dict:
 
     t0 = time.perf_counter()
     log = lambda msg: print(msg, flush=True)  # noqa: E731
-    problems = []
-    done = {}
-    if args.resume and args.json and args.json.exists():  # reuse problems of an interrupted run with the same setup
-        old = json.loads(args.json.read_text())
-        if old.get("settings", {}).get("run") == run_key(args.methods, seeds, budgets, args.kind):
-            done = {p["problem"]: p for p in old.get("problems", [])}
-    if args.merge:
+    if args.merge:  # no search: pool the runs stored in earlier --json files
         problems = merge_runs([json.loads(f.read_text())["problems"] for f in args.merge])
         problems_ids = [p["problem"] for p in problems]
         seeds = sorted({r["seed"] for p in problems for runs in p["runs"].values() for r in runs})
         args.methods = [m for m in SETTINGS if m in problems[0]["runs"]]
-    for p in ([] if args.merge else problems_ids):
-        problems.append(done[p] if p in done else run_problem(p, seeds, budgets[-1], args.methods, log, args.kind))
-        if args.json:  # partial results after every problem
-            write_json(args.json, {"settings": {"run": run_key(args.methods, seeds, budgets, args.kind)},
-                                   "problems": problems})
+    else:
+        done = {}
+        if args.resume and args.json and args.json.exists():  # reuse problems of an interrupted run, same setup
+            old = json.loads(args.json.read_text())
+            if old.get("settings", {}).get("run") == run_key(args.methods, seeds, budgets, args.kind):
+                done = {p["problem"]: p for p in old.get("problems", [])}
+        problems = []
+        for p in problems_ids:
+            problems.append(done[p] if p in done else run_problem(p, seeds, budgets[-1], args.methods, log, args.kind))
+            if args.json:  # partial results after every problem
+                write_json(args.json, {"settings": {"run": run_key(args.methods, seeds, budgets, args.kind)},
+                                       "problems": problems})
     summary = summarise(problems, args.methods, budgets)
     print_table(summary, budgets)
     png = plot(problems, summary, args.methods, budgets[-1], args.out)
