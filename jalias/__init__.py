@@ -19,10 +19,10 @@ _LAZY = {
     "load": "jalias.weights",
     "convert": "jalias.weights",
     "Engine": "jalias.engine",
-    "demo": "jalias.runs",
-    "search_dataset": "jalias.runs",
-    "evaluate_prompt": "jalias.runs",
-    "export_run": "jalias.runs",
+    "demo": "jalias.run.api",
+    "search_dataset": "jalias.run.api",
+    "evaluate_prompt": "jalias.run.api",
+    "export_run": "jalias.run.export",
 }
 
 __all__ = ["tokenize", "detokenize", *_LAZY]

@@ -1,4 +1,4 @@
-"""The `jalias` command: demo, search, eval, export, convert (thin wrappers over jalias.runs / jalias.weights).
+"""The `jalias` command: demo, search, eval, export, convert (thin wrappers over jalias.run / jalias.weights).
 
 Heavy modules (jax, the model) are imported inside the commands so that `jalias --help` stays instant.
 Errors print one line on stderr ("error: ...") and exit with status 1; Ctrl-C / SIGTERM exit with 130 after the
@@ -43,7 +43,7 @@ def _handled(fn: Callable) -> Callable:
     """One-line errors and clean exit codes for a command."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .runs import RunError
+        from .run.io import RunError
 
         _sigterm_as_interrupt()
         try:
@@ -98,7 +98,7 @@ def _console():
 
 
 def _print_results(summary: dict, out: Path, title: str) -> None:
-    from .runs import results_table
+    from .run.progress import results_table
 
     console = _console()
     console.print(results_table(summary, title))
@@ -119,10 +119,10 @@ def demo(
     no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar"),
 ):
     """End to end on the embedded tiny model and generated out-of-distribution concepts (no downloads)."""
-    from . import runs
+    from .run.api import demo as run_demo
 
-    summary = runs.demo(out=out, budget=budget, method=method, seed=seed, resume=resume,
-                        progress=not no_progress, note=lambda m: typer.echo(f"note: {m}", err=True))
+    summary = run_demo(out=out, budget=budget, method=method, seed=seed, resume=resume,
+                       progress=not no_progress, note=lambda m: typer.echo(f"note: {m}", err=True))
     _print_results(summary, out, f"jalias demo ({method}, {budget} evaluations per concept)")
 
 
@@ -152,9 +152,9 @@ def search(
     no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar"),
 ):
     """Search an alias for each category of a COCO dataset (label baseline, search, held-out evaluation)."""
-    from . import runs
+    from .run.api import search_dataset
 
-    summary = runs.search_dataset(
+    summary = search_dataset(
         weights, annotations, images, categories=_categories(categories), method=method, budget=budget,
         length=length, max_images=max_images, heldout=heldout, negatives=negatives, seed=seed, out=out,
         resume=resume, overwrite=overwrite, chunk_size=chunk_size, init=init, negative_weight=negative_weight,
@@ -181,14 +181,15 @@ def eval_(
     """IoU of one prompt (text or token ids) per image, and the mean, for each category."""
     from rich.table import Table
 
-    from . import runs
+    from .run.api import evaluate_prompt
+    from .run.io import fmt, write_json_atomic
 
     if (prompt is None) == (tokens is None):
         raise ValueError("give exactly one of --prompt or --tokens")
-    res = runs.evaluate_prompt(weights, annotations, images, prompt=prompt,
-                               tokens=_tokens(tokens) if tokens is not None else None,
-                               categories=_categories(categories), max_images=max_images, negatives=negatives,
-                               chunk_size=chunk_size, dtype=dtype)
+    res = evaluate_prompt(weights, annotations, images, prompt=prompt,
+                          tokens=_tokens(tokens) if tokens is not None else None,
+                          categories=_categories(categories), max_images=max_images, negatives=negatives,
+                          chunk_size=chunk_size, dtype=dtype)
     if json_out == "-":
         typer.echo(json.dumps(res, indent=1))
         return
@@ -198,11 +199,11 @@ def eval_(
     for name, c in res["categories"].items():
         for im in c["images"]:
             table.add_row(name, im["image_id"] + (" (negative)" if im["negative"] else ""), f"{im['iou']:.3f}")
-        table.add_row(name, "[b]mean[/b]", f"[b]{runs._fmt(c['mean_iou'])}[/b]", end_section=True)
-    table.add_row("[b]all[/b]", "mean of category means", f"[b]{runs._fmt(res['mean_iou'])}[/b]")
+        table.add_row(name, "[b]mean[/b]", f"[b]{fmt(c['mean_iou'])}[/b]", end_section=True)
+    table.add_row("[b]all[/b]", "mean of category means", f"[b]{fmt(res['mean_iou'])}[/b]")
     _console().print(table)
     if json_out:
-        runs.write_json_atomic(json_out, res)
+        write_json_atomic(json_out, res)
 
 
 @app.command()
@@ -213,11 +214,11 @@ def export(
     no_pred_masks: bool = typer.Option(False, "--no-pred-masks", help="leave out every query's mask logits"),
 ):
     """Teacher targets of a run: alias ids, text features, and per-image masks / logits (.npz + index.json)."""
-    from . import runs
+    from .run.export import export_run
 
     if not (run_dir / "run.json").exists():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no run.json)")
-    path = runs.export_run(run_dir, out, full_masks=not no_pred_masks)
+    path = export_run(run_dir, out, full_masks=not no_pred_masks)
     index = json.loads(path.read_text())
     typer.echo(f"exported {len(index['categories'])} categories to {path.parent} (index: {path})")
 

@@ -20,7 +20,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from jalias import runs
+from jalias.run.api import DEMO_CONCEPTS
+from jalias.run.model import embedded_tiny_path, load_model, tiny_model
+from jalias.run.pipeline import KILL_ENV, SimulatedKill
+from jalias.run.rundir import RunDir
+from jalias.run.splits import rebuild_inputs
 from jalias.cli import app
 from jalias.data import iou as mask_iou, load_coco, make_dataset, write_coco
 from jalias.tokenizer import detokenize, encode
@@ -79,7 +83,7 @@ def test_demo_writes_report_and_sane_results(demo_run):
     for name in ("report.json", "report.html", "all_results.json", "log.txt", "run.json", "curves.png"):
         assert (out / name).is_file(), name
     summary = json.loads((out / "all_results.json").read_text())
-    assert list(summary["categories"]) == list(runs.DEMO_CONCEPTS)
+    assert list(summary["categories"]) == list(DEMO_CONCEPTS)
     assert summary["finished"] == summary["total"] == 3
     for name, row in summary["categories"].items():
         res = json.loads((out / f"{row['slug']}.json").read_text())
@@ -106,7 +110,7 @@ def test_demo_writes_report_and_sane_results(demo_run):
         assert res["alias_iou_search"] == pytest.approx(res["candidates"][0]["train_iou"], abs=1e-4)
         assert res["history"][-1][0] <= res["evals"]
     report = json.loads((out / "report.json").read_text())
-    assert [r["category"] for r in report["rows"]] == list(runs.DEMO_CONCEPTS)
+    assert [r["category"] for r in report["rows"]] == list(DEMO_CONCEPTS)
     html = (out / "report.html").read_text()
     assert "src='curves.png'" in html and "src='overlays/striped_blob.png'" in html
     links = re.findall(r"(?:src|href)='([^'#]+)'", html)
@@ -117,13 +121,13 @@ def test_demo_writes_report_and_sane_results(demo_run):
 
 def test_overlay_masks_match_engine_iou(demo_run):
     """The overlay/export prediction path gives the engine's IoU for the same image and prompt."""
-    from jalias.export import predict
+    from jalias.run.export import predict
 
     out, _ = demo_run
-    settings = runs.RunDir(out).read_settings()
+    settings = RunDir(out).read_settings()
     res = json.loads((out / "striped_blob.json").read_text())
-    model, _ = runs.load_model(settings.weights)
-    inputs = runs.rebuild_inputs(settings, res)
+    model, _ = load_model(settings.weights)
+    inputs = rebuild_inputs(settings, res)
     per = {p["image_id"]: p for p in res["per_image"]["search"] + res["per_image"]["heldout"]}
     for img, gt, iid in list(zip(inputs["images"], inputs["gts"], inputs["image_ids"]))[:4]:
         pred = predict(model, img, [res["label_ids"], res["alias_ids"]], mask_shape=gt.shape)
@@ -133,10 +137,10 @@ def test_overlay_masks_match_engine_iou(demo_run):
 
 
 def test_tiny_fallback_equals_embedded_checkpoint():
-    if not runs.embedded_tiny_path().exists():
+    if not embedded_tiny_path().exists():
         pytest.skip("weights/tiny not present")
-    stored, _ = runs.load_model("tiny")
-    built = runs.tiny_model()
+    stored, _ = load_model("tiny")
+    built = tiny_model()
     a = {k: np.asarray(v) for k, v in _flat(stored.params).items()}
     b = {k: np.asarray(v) for k, v in _flat(built.params).items()}
     assert a.keys() == b.keys()
@@ -188,8 +192,8 @@ def test_resume_after_kill_equals_uninterrupted(coco, reference_run, tmp_path):
     args = ["search", "--weights", "tiny", "--annotations", ann, "--images", images, "--out", out, *SEARCH_ARGS,
             "--checkpoint-every", "0"]
     # die (without saving anything more) after two search iterations of the second category
-    result = invoke(*args, env={runs.KILL_ENV: str(first + 2)})
-    assert isinstance(result.exception, runs.SimulatedKill), result.output
+    result = invoke(*args, env={KILL_ENV: str(first + 2)})
+    assert isinstance(result.exception, SimulatedKill), result.output
     assert (out / f"{CONCEPTS[0]}.json").is_file() and not (out / f"{CONCEPTS[1]}.json").exists()
     state = json.loads((out / "state" / f"{CONCEPTS[1]}.json").read_text())["state"]
     assert state["iteration"] == 2 and 0 < state["budget"]["used"] < ref[CONCEPTS[1]]["evals"]

@@ -22,6 +22,9 @@ from typing import Sequence
 
 import numpy as np
 
+from .io import mean, write_json_atomic
+from .rundir import IOU_KEYS, RunDir
+
 PANEL = 192  # panel height in pixels
 GT_COLOUR = (40, 200, 80)
 LABEL_COLOUR = (240, 140, 20)
@@ -149,8 +152,6 @@ def _f(x) -> str:
 def write_report(run_dir: str | os.PathLike) -> tuple[Path, Path]:
     """curves.png, report.json and report.html of a run directory from its result files; returns the JSON and
     HTML paths."""
-    from .runs import RunDir, write_json_atomic
-
     run = RunDir(run_dir)
     settings = run.read_run()["settings"]
     results = run.finished_results()
@@ -161,16 +162,11 @@ def write_report(run_dir: str | os.PathLike) -> tuple[Path, Path]:
     curves_png(run.path / "curves.png",
                {r["category"]: {"history": r["history"], "label_iou": r["label_iou_search"]} for r in results})
 
-    def mean(key):
-        vals = [r[key] for r in rows if r[key] is not None]
-        return float(np.mean(vals)) if vals else None
-
     doc = {
         "run_dir": str(run.path.resolve()),
         "settings": settings,
         "rows": rows,
-        "mean": {k: mean(k) for k in ("label_iou_search", "label_iou_heldout", "alias_iou_search",
-                                      "alias_iou_heldout")},
+        "mean": {k: mean([r[k] for r in rows if r[k] is not None]) for k in IOU_KEYS},
         "curves": "curves.png",
     }
     json_path = run.path / "report.json"

@@ -47,6 +47,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .io import write_json_atomic
+from .model import load_model
+from .rundir import RunDir
+from .splits import rebuild_inputs
+
 UNION_FLOOR = -20.0  # union_logits where no query is kept: sigmoid(-20) ~ 2e-9, "certainly background"
 EXPORT_FORMAT = "jalias.export"
 EXPORT_VERSION = 1
@@ -77,12 +82,12 @@ _UNION_FN = None
 
 
 def _union_fn():
-    """jit(vmap(scoring.predicted_mask)) over prompts, built on first use (keeps `import jalias.export` light)."""
+    """jit(vmap(scoring.predicted_mask)) over prompts, built on first use (keeps `import jalias.run.export` light)."""
     global _UNION_FN
     if _UNION_FN is None:
         import jax
 
-        from .engine import scoring
+        from ..engine import scoring
 
         _UNION_FN = jax.jit(jax.vmap(scoring.predicted_mask, in_axes=(0, 0, None, None)))
     return _UNION_FN
@@ -90,7 +95,7 @@ def _union_fn():
 
 def layout(prompts: Sequence[Sequence[int]], context: int) -> tuple[np.ndarray, np.ndarray]:
     """N content-id sequences (any lengths) -> (input_ids int32[N, T], attention_mask int32[N, T])."""
-    from .engine import scoring
+    from ..engine import scoring
 
     rows = [scoring.layout_prompts(np.asarray(p, np.int32).reshape(1, -1), context) for p in prompts]
     return np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows])
@@ -108,8 +113,8 @@ def predict(model, image: np.ndarray, prompts: Sequence[Sequence[int]], threshol
     """
     import jax.numpy as jnp
 
-    from .engine import scoring
-    from .model.preprocess import preprocess
+    from ..engine import scoring
+    from ..model.preprocess import preprocess
 
     cfg = model.config
     input_ids, mask = layout(prompts, cfg.context_length)
@@ -163,7 +168,7 @@ def export_category(model, path: str | os.PathLike, alias_ids: Sequence[int], la
 
     images: K uint8[H_i, W_i, 3]; gts: K bool[H_i, W_i] ground truth (all False for negatives).
     """
-    from .data import iou as mask_iou
+    from ..data import iou as mask_iou
 
     k = len(images)
     per: dict[str, list] = {key: [] for key in ("pred_logits", "presence_logits", "scores", "keep", "pred_boxes",
@@ -205,9 +210,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
     The model, images and ground truth are rebuilt from what the run recorded (run.json, <category>.json).
     model: an already loaded model for the run's weights (default: load them).
     """
-    from . import runs
-
-    run = runs.RunDir(run_dir)
+    run = RunDir(run_dir)
     settings = run.read_settings()
     finished = run.finished_results()
     if not finished:
@@ -215,11 +218,11 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
     out = Path(out) if out is not None else run.path / "export"
     out.mkdir(parents=True, exist_ok=True)
     if model is None:
-        model, _ = runs.load_model(settings.weights, settings.dtype)
+        model, _ = load_model(settings.weights, settings.dtype)
     cfg = model.config
     entries = []
     for res in finished:
-        inputs = runs.rebuild_inputs(settings, res)
+        inputs = rebuild_inputs(settings, res)
         file = f"{res['slug']}.npz"
         info = export_category(model, out / file, res["alias_ids"], res["label_ids"], inputs["images"],
                                inputs["gts"], inputs["image_ids"], inputs["split"], inputs["is_negative"],
@@ -244,7 +247,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
         "categories": entries,
     }
     path = out / "index.json"
-    runs.write_json_atomic(path, index)
+    write_json_atomic(path, index)
     return path
 
 

@@ -1,0 +1,177 @@
+"""The Python API behind the `jalias` command: `search_dataset`, `demo`, `evaluate_prompt` (and
+`jalias.run.export.export_run`). Errors raise with one-line messages; categories finished before an error stay
+on disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .io import clean, mean
+from .model import load_model, weights_spec
+from .pipeline import KillSwitch, SimulatedKill, make_engine, score_one, search_category
+from .progress import Progress
+from .rundir import RunDir, RunSettings, slugify
+from .splits import load_split
+
+DEMO_CONCEPTS = ("striped_blob", "checkered_star", "dotted_ring")
+# Small per-step batches so that a demo budget buys several steps of every method.
+DEMO_OPTIONS = {"gcg": {"search_width": 64, "topk": 64}, "local": {"n_candidates": 64},
+                "evolution": {"population": 16}, "soft": {}}
+
+
+def search_dataset(weights: str, annotations: str | os.PathLike, images: str | os.PathLike,
+                   categories: Sequence[str] | None = None, method: str = "gcg", budget: int = 10_000,
+                   length: int = 4, max_images: int | None = 10, heldout: float = 0.3, negatives: int = 0,
+                   seed: int = 0, out: str | os.PathLike = "runs/search", resume: bool = False,
+                   overwrite: bool = False, chunk_size: int | None = None, init: str = "random",
+                   negative_weight: float = 0.5, dtype: str = "float32", options: dict | None = None,
+                   checkpoint_every: float = 5.0, report: bool = True, progress: bool = True, console=None,
+                   model=None, overlay_rows: int = 6) -> dict:
+    """Search an alias for each category of a COCO dataset; returns the all_results.json dict.
+
+    weights: checkpoint path or name (see `jalias.run.model.load_model`); categories: names (None: all with
+    masks); budget: candidate-image evaluations per category; max_images: positives (and the negative pool) per
+    category; heldout: fraction of images held out of the search; negatives: negative images per category;
+    options: method config fields (e.g. {"search_width": 64}); checkpoint_every: seconds between state writes;
+    model: an already loaded model for `weights` (skips loading). Results are written to `out`.
+    """
+    from ..data import load_coco
+
+    settings = RunSettings(
+        weights=weights_spec(str(weights)), annotations=str(Path(annotations).resolve()),
+        images=str(Path(images).resolve()), categories=list(categories) if categories else None, method=method,
+        budget=int(budget), length=int(length), max_images=max_images, heldout=float(heldout),
+        negatives=int(negatives), seed=int(seed), init=init, negative_weight=float(negative_weight), dtype=dtype,
+        options=dict(options or {}))
+    settings.validate()
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk-size must be >= 1, got {chunk_size}")
+    run = RunDir(out)
+    run.prepare(settings, resume, overwrite)
+    log = run.log
+    try:
+        concepts = load_coco(settings.annotations, settings.images, settings.categories, settings.max_images)
+        taken: set[str] = set()
+        cats = [{"name": c.name, "slug": slugify(c.name, taken)} for c in concepts]
+        run.set_categories(cats)
+        if model is None:
+            model, note = load_model(settings.weights, settings.dtype)
+            if note:
+                log(note)
+        log(f"model: {model.num_params:,} params, image size {model.config.image_size}, {settings.dtype}")
+        kill = KillSwitch()
+        with Progress(progress, console) as bar:
+            for k, (cd, cat) in enumerate(zip(concepts, cats)):
+                if resume and run.finished(cat["slug"]) is not None:
+                    log(f"{cd.name}: finished earlier, skipped")
+                    continue
+                search_category(model, cd, cat["slug"], settings, run, resume, chunk_size, checkpoint_every,
+                                bar, kill, overlay_rows, f"{k + 1}/{len(cats)}")
+                run.write_summary(settings)
+        summary = run.write_summary(settings)
+        if report:
+            from .report import write_report
+
+            write_report(run.path)
+        log("run finished")
+        return summary
+    except SimulatedKill:
+        raise
+    except KeyboardInterrupt:
+        log("interrupted")
+        raise
+    except Exception as e:
+        log(f"error: {type(e).__name__}: {e}")
+        if run.finished_results():
+            run.write_summary(settings)
+        raise
+
+
+def demo(out: str | os.PathLike = "runs/demo", budget: int = 1000, method: str = "gcg",
+         concepts: Sequence[str] = DEMO_CONCEPTS, images_per_concept: int = 6, image_size: int = 64,
+         negatives: int = 2, heldout: float = 1 / 3, length: int = 4, init: str = "label", seed: int = 0,
+         resume: bool = False, options: dict | None = None, chunk_size: int | None = None,
+         checkpoint_every: float = 5.0, progress: bool = True, console=None,
+         note: Callable[[str], None] | None = None) -> dict:
+    """The whole pipeline on the embedded tiny model and a generated out-of-distribution dataset (no downloads).
+
+    Writes the synthetic dataset (`images_per_concept` images of image_size^2 per concept) to `out`/data in COCO
+    format and runs `search_dataset` on it: each search starts from the label (init="label") and proposes only
+    ASCII word pieces, with the small per-step batches of DEMO_OPTIONS. A previous demo in `out` is replaced
+    unless resume=True. note(msg) receives one-line remarks (e.g. that the tiny model was built in memory).
+    """
+    from ..data import make_dataset, write_coco
+
+    out = Path(out)
+    if (out / "run.json").exists() and not resume:
+        RunDir(out).clear()
+    data_dir = out / "data"
+    ann = data_dir / "annotations.json"
+    if not (resume and ann.exists()):
+        write_coco(make_dataset(images_per_concept, image_size, list(concepts), seed), data_dir)
+    model, msg = load_model("tiny")
+    if msg and note is not None:
+        note(msg)
+    opts = {**DEMO_OPTIONS.get(method, {}), "ascii_only": True, **(options or {})}
+    return search_dataset("tiny", ann, data_dir / "images", categories=list(concepts), method=method, budget=budget,
+                          length=length, max_images=images_per_concept, heldout=heldout, negatives=negatives,
+                          seed=seed, out=out, resume=resume, overwrite=False, chunk_size=chunk_size, init=init,
+                          options=opts, checkpoint_every=checkpoint_every, progress=progress, console=console,
+                          model=model)
+
+
+def _prompt_ids(prompt: str | None, tokens: Sequence[int] | None) -> list[int]:
+    """Content ids of a text prompt or of explicit token ids (exactly one given); ValueError on bad input."""
+    from ..tokenizer import START_ID, encode
+
+    if (prompt is None) == (tokens is None):
+        raise ValueError("give exactly one of a text prompt or token ids")
+    if prompt is not None:
+        ids = encode(prompt)[:30]
+        if not ids:
+            raise ValueError(f"prompt {prompt!r} has no tokens")
+        return ids
+    ids = [int(t) for t in tokens]
+    if not 1 <= len(ids) <= 30:
+        raise ValueError(f"need 1..30 token ids, got {len(ids)}")
+    bad = [t for t in ids if not 0 <= t < START_ID]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is out of range (content ids are 0..{START_ID - 1})")
+    return ids
+
+
+def evaluate_prompt(weights: str, annotations: str | os.PathLike, images: str | os.PathLike,
+                    prompt: str | None = None, tokens: Sequence[int] | None = None,
+                    categories: Sequence[str] | None = None, max_images: int | None = None, negatives: int = 0,
+                    chunk_size: int | None = None, dtype: str = "float32", threshold: float = 0.5,
+                    model=None) -> dict:
+    """IoU of one prompt (text, or content token ids) on every image of each category.
+
+    Returns {"prompt", "ids", "categories": {name: {"images": [{"image_id", "negative", "iou"}], "mean_iou",
+    "negatives_empty"}}, "mean_iou"} (mean over categories of the per-category mean over positives).
+    """
+    from ..data import load_coco
+    from ..tokenizer import detokenize
+
+    ids = _prompt_ids(prompt, tokens)
+    if model is None:
+        model, _ = load_model(weights_spec(str(weights)), dtype)
+    settings = RunSettings(weights=str(weights), annotations=str(annotations), images=str(images),
+                           negatives=negatives, threshold=threshold)
+    log = lambda msg: None  # noqa: E731 - nothing to log to outside a run directory
+    cats = {}
+    for cd in load_coco(annotations, images, list(categories) if categories else None, max_images):
+        split = load_split(cd.subset(range(len(cd.images)), range(min(negatives, len(cd.negatives)))))
+        engine = make_engine(model, split, settings, chunk_size, prefix_cache=False)
+        iou = score_one(engine, ids, log, f"scoring {cd.name}")
+        cats[cd.name] = {
+            "images": [{"image_id": i, "negative": bool(n), "iou": float(v)}
+                       for i, n, v in zip(split.image_ids, split.is_negative, iou)],
+            "mean_iou": mean(iou[~split.is_negative]),
+            "negatives_empty": mean(iou[split.is_negative] == 1.0) if split.is_negative.any() else None,
+        }
+        del engine
+    return clean({"prompt": prompt if prompt is not None else detokenize(ids), "ids": ids, "categories": cats,
+                  "mean_iou": mean([c["mean_iou"] for c in cats.values() if c["mean_iou"] is not None])})

@@ -1,0 +1,93 @@
+"""Small shared pieces of a run: atomic JSON files, JSON-safe values, the run log and the run's error type."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+
+class RunError(RuntimeError):
+    """A run cannot go on (e.g. out of device memory at the smallest chunk size); the message is one line."""
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> None:
+    """Write JSON to a temp file beside `path`, fsync, then os.replace: readers see the old or the new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=indent)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """Parsed JSON of `path`; FileNotFoundError / ValueError naming `what` when it is missing or corrupt."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"corrupt {what} {path}: {e}") from None
+
+
+def clean(x: Any) -> Any:
+    """JSON-safe copy: numpy scalars/arrays to Python, NaN/inf to None."""
+    if isinstance(x, dict):
+        return {str(k): clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [clean(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return clean(x.tolist())
+    if isinstance(x, np.bool_):
+        return bool(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        x = float(x)
+        return x if math.isfinite(x) else None
+    return x
+
+
+def mean(xs: Sequence[float]) -> float | None:
+    """Mean of xs, or None when there is nothing to average."""
+    return float(np.mean(xs)) if len(xs) else None
+
+
+def fmt(x: float | None) -> str:
+    """An IoU for logs and tables: 3 decimals, '-' for none."""
+    return "-" if x is None else f"{x:.3f}"
+
+
+class RunLog:
+    """Append-only timestamped log file (also the place errors are recorded)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __call__(self, msg: str) -> None:
+        stamp = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(f"{stamp} {msg}\n")
+
+
+def version() -> str:
+    """The installed jalias version ('unknown' in a checkout without an install)."""
+    try:
+        from importlib.metadata import version as _version
+
+        return _version("jalias")
+    except Exception:  # noqa: BLE001 - running from a checkout without an install
+        return "unknown"
+
+
+def now() -> str:
+    return datetime.now().astimezone().isoformat(timespec="seconds")

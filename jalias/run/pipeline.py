@@ -1,0 +1,256 @@
+"""One category of a run: label baseline, resumable search, held-out evaluation, overlay, <slug>.json.
+
+Device out-of-memory halves the engine's chunk size and repeats the step (`with_oom_retry`); the search state
+is written atomically by `Checkpointer` at most every `checkpoint_every` seconds, on Ctrl-C / SIGTERM and at the
+category's end, so a resumed search continues exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from . import report
+from .io import RunError, clean, fmt, mean, read_json, write_json_atomic
+from .rundir import RunDir, RunSettings
+from .splits import Split, label_ids_of, load_split, split_category
+
+# Test/debug hook: raise SimulatedKill after this many search checkpoints (nothing is flushed, as with kill -9).
+KILL_ENV = "JALIAS_SIMULATE_KILL_AFTER"
+
+
+class SimulatedKill(Exception):
+    """Raised by the KILL_ENV hook: the process 'dies' without saving anything more."""
+
+
+class KillSwitch:
+    def __init__(self):
+        v = os.environ.get(KILL_ENV)
+        self.left = int(v) if v else None
+
+    def tick(self) -> None:
+        if self.left is not None:
+            self.left -= 1
+            if self.left <= 0:
+                raise SimulatedKill(f"simulated kill ({KILL_ENV})")
+
+
+def is_oom(e: BaseException) -> bool:
+    """XLA RESOURCE_EXHAUSTED (device out of memory) or host MemoryError."""
+    text = f"{type(e).__name__}: {e}"
+    return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in text or "Out of memory" in text
+
+
+def with_oom_retry(engine, fn: Callable[[], Any], log: Callable[[str], None], what: str) -> Any:
+    """Call fn(); on XLA RESOURCE_EXHAUSTED halve engine.chunk_size and call again, down to one candidate per
+    device, then raise RunError. fn must be safe to repeat (searches resume from their last checkpoint)."""
+    floor = max(1, len(getattr(engine, "devices", [None])))
+    while True:
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
+            if not is_oom(e):
+                raise
+            if engine.chunk_size <= floor:
+                raise RunError(f"out of device memory while {what}, even with chunk size {engine.chunk_size}: "
+                               "use fewer --max-images or a smaller model") from None
+            new = max(floor, engine.chunk_size // 2)
+            log(f"out of memory while {what} at chunk size {engine.chunk_size}; retrying with {new}")
+            engine.chunk_size = new
+            gc.collect()
+
+
+def make_engine(model, split: Split, settings: RunSettings, chunk_size: int | None, prefix_cache: bool = True):
+    from ..engine import Engine
+
+    try:
+        return Engine(model, split.images, split.gts, negative=split.is_negative, chunk_size=chunk_size,
+                      prefix_cache=prefix_cache, threshold=settings.threshold,
+                      negative_weight=settings.negative_weight)
+    except Exception as e:  # noqa: BLE001
+        if is_oom(e):
+            raise RunError(f"out of device memory while encoding {len(split)} images: use fewer --max-images "
+                           "or a smaller model") from None
+        raise
+
+
+def score_one(engine, ids: Sequence[int], log, what: str) -> np.ndarray:
+    """float32[K] IoU of one content-id sequence on every engine image."""
+    ids = np.asarray(ids, np.int32)[None]
+    return np.asarray(with_oom_retry(engine, lambda: engine.score(ids), log, what), np.float32)[0]
+
+
+class Checkpointer:
+    """on_checkpoint hook: keeps the newest search state, writes it atomically at most every `every` seconds
+    (and on flush()), drives the progress display, and implements the KILL_ENV test hook."""
+
+    def __init__(self, path: Path, category: str, initial: dict | None, every: float,
+                 on_state: Callable[[dict], None], kill: KillSwitch):
+        self.path, self.category, self.latest = path, category, initial
+        self.every, self.on_state, self.kill = every, on_state, kill
+        self.last_write = time.monotonic()
+        self.dirty = False
+
+    def __call__(self, state: dict) -> None:
+        self.latest = state
+        self.dirty = True
+        self.on_state(state)
+        if time.monotonic() - self.last_write >= self.every:
+            self.flush()
+        self.kill.tick()
+
+    def flush(self) -> None:
+        if self.latest is not None and self.dirty:
+            write_json_atomic(self.path, {"category": self.category, "state": self.latest}, indent=None)
+            self.last_write = time.monotonic()
+            self.dirty = False
+
+
+def _split_stats(iou_label: np.ndarray, iou_alias: np.ndarray, split: Split) -> dict:
+    pos, neg = ~split.is_negative, split.is_negative
+    return {
+        "label_iou": mean(iou_label[pos]), "alias_iou": mean(iou_alias[pos]),
+        # on a negative image IoU is 1 exactly when the prediction is empty
+        "label_negatives_empty": mean(iou_label[neg] == 1.0) if neg.any() else None,
+        "alias_negatives_empty": mean(iou_alias[neg] == 1.0) if neg.any() else None,
+    }
+
+
+def _per_image(split: Split, iou_label, iou_alias) -> list[dict]:
+    return [{"image_id": iid, "negative": bool(n), "label_iou": float(a), "alias_iou": float(b)}
+            for iid, n, a, b in zip(split.image_ids, split.is_negative, iou_label, iou_alias)]
+
+
+def _search(engine, name: str, slug: str, config, settings: RunSettings, run: RunDir, resume: bool,
+            checkpoint_every: float, progress, kill: KillSwitch, position: str):
+    """The resumable search of one category -> SearchResult (state in state/<slug>.json)."""
+    from ..search import run_search
+
+    log = run.log
+    state_path = run.state_path(slug)
+    initial = None
+    if resume and state_path.exists():
+        initial = read_json(state_path, "search state").get("state")
+        if initial is not None:
+            log(f"{name}: resuming search at {initial['budget']['used']} evaluations "
+                f"(iteration {initial['iteration']})")
+    task = progress.start(f"{name} ({position})", settings.budget, initial)
+    ckpt = Checkpointer(state_path, name, initial, checkpoint_every, lambda s: progress.update(task, s), kill)
+    try:
+        result = with_oom_retry(
+            engine, lambda: run_search(settings.method, engine, config, on_checkpoint=ckpt, resume_state=ckpt.latest),
+            log, f"searching {name}")
+    except KeyboardInterrupt:
+        ckpt.flush()
+        log(f"{name}: interrupted; search state saved to {state_path}")
+        raise
+    finally:
+        progress.stop(task)
+    ckpt.dirty = ckpt.latest is not None
+    ckpt.flush()
+    return result
+
+
+def _overlay(model, path: Path, parts, label_ids, alias_ids, threshold: float, overlay_rows: int, label: str,
+             alias_text: str) -> None:
+    """A few positives of each split and one negative, with the engine's prediction rule.
+    parts: (split name, Split, engine, label IoU [K], alias IoU [K]) per split."""
+    from .export import predict
+
+    rows = []
+    for split_name, split, eng, il, ia in parts:
+        picks = list(np.flatnonzero(~split.is_negative)[:overlay_rows // 2 or 1])
+        picks += list(np.flatnonzero(split.is_negative)[:1])
+        for i in picks:
+            pred = predict(model, split.images[i], [label_ids, alias_ids], threshold,
+                           context=eng.contexts[i], mask_shape=split.gts[i].shape)
+            rows.append(report.OverlayRow(split.images[i], split.gts[i], pred["masks"][0], pred["masks"][1],
+                                          split.image_ids[i], split_name, bool(split.is_negative[i]),
+                                          float(il[i]), float(ia[i])))
+    report.overlay_png(path, rows, label, alias_text)
+
+
+def search_category(model, cd, slug: str, settings: RunSettings, run: RunDir, resume: bool,
+                    chunk_size: int | None, checkpoint_every: float, progress, kill: KillSwitch,
+                    overlay_rows: int, position: str = "") -> dict:
+    """Label baseline, search, held-out evaluation and overlay of one category; writes <slug>.json."""
+    from ..search import objective
+    from ..tokenizer import detokenize
+
+    log = run.log
+    t0 = time.perf_counter()
+    search_cd, held_cd = split_category(cd, settings)
+    if len(cd.negatives) < settings.negatives:
+        log(f"{cd.name}: only {len(cd.negatives)} negative images available (asked for {settings.negatives})")
+    search = load_split(search_cd)
+    held = load_split(held_cd) if held_cd is not None else None
+    label_ids = label_ids_of(cd.label, cd.name)
+    log(f"{cd.name}: {search.n_positive}+{len(search) - search.n_positive} search images (positive+negative), "
+        f"{held.n_positive if held else 0}+{len(held) - held.n_positive if held else 0} held-out; "
+        f"label {cd.label!r} = {label_ids}")
+
+    engine = make_engine(model, search, settings, chunk_size)
+    label_search = score_one(engine, label_ids, log, f"scoring the label of {cd.name}")
+    result = _search(engine, cd.name, slug, settings.search_config(label_ids), settings, run, resume,
+                     checkpoint_every, progress, kill, position)
+    if not result.best:
+        raise RunError(f"category {cd.name!r}: the budget ({settings.budget}) is too small to score even one "
+                       f"candidate on {len(search)} images")
+    best = result.best[0]
+    alias_ids = [int(i) for i in best.ids]
+    alias_search = score_one(engine, alias_ids, log, f"scoring the alias of {cd.name}")
+    engine_chunk = engine.chunk_size
+    parts = [("search", search, engine, label_search, alias_search)]
+
+    # held-out evaluation (no prefix cache: two single prompts, nothing to share)
+    label_held = alias_held = np.zeros(0, np.float32)
+    if held is not None:
+        held_engine = make_engine(model, held, settings, chunk_size, prefix_cache=False)
+        label_held = score_one(held_engine, label_ids, log, f"scoring the label of {cd.name} (held-out)")
+        alias_held = score_one(held_engine, alias_ids, log, f"scoring the alias of {cd.name} (held-out)")
+        parts.append(("heldout", held, held_engine, label_held, alias_held))
+        del held_engine
+    overlay = f"overlays/{slug}.png"
+    _overlay(model, run.path / overlay, parts, label_ids, alias_ids, settings.threshold, overlay_rows, cd.label,
+             best.text)
+    del engine, parts
+    gc.collect()
+
+    s = _split_stats(label_search, alias_search, search)
+    h = _split_stats(label_held, alias_held, held) if held is not None else {}
+    res = clean({
+        "status": "done", "category": cd.name, "slug": slug, "label": cd.label, "label_ids": label_ids,
+        "label_text": detokenize(label_ids), "alias_ids": alias_ids, "alias_text": best.text,
+        "label_iou_search": s["label_iou"], "label_iou_heldout": h.get("label_iou"),
+        "alias_iou_search": s["alias_iou"], "alias_iou_heldout": h.get("alias_iou"),
+        "negatives_empty": {"label_search": s["label_negatives_empty"], "alias_search": s["alias_negatives_empty"],
+                            "label_heldout": h.get("label_negatives_empty"),
+                            "alias_heldout": h.get("alias_negatives_empty")},
+        "objective": {"label": float(objective(label_search[None], search.is_negative, settings.negative_weight)[0]),
+                      "alias": best.objective},
+        "evals": result.evals_used, "budget": settings.budget, "seconds": result.wall_time_s,
+        "category_seconds": time.perf_counter() - t0, "method": settings.method, "method_config": result.config,
+        "stop_reason": result.stop_reason, "iterations": result.iterations, "chunk_size": engine_chunk,
+        "n_search": search.n_positive, "n_heldout": held.n_positive if held else 0,
+        "images": {
+            "search": list(search_cd.image_ids), "search_negatives": list(search_cd.negative_ids),
+            "heldout": list(held_cd.image_ids) if held_cd else [],
+            "heldout_negatives": list(held_cd.negative_ids) if held_cd else [],
+        },
+        "per_image": {"search": _per_image(search, label_search, alias_search),
+                      "heldout": _per_image(held, label_held, alias_held) if held is not None else []},
+        "candidates": [dataclasses.asdict(c) for c in result.best],
+        "history": [list(x) for x in result.history],
+        "overlay": overlay,
+    })
+    write_json_atomic(run.result_path(slug), res)
+    log(f"{cd.name}: done in {res['category_seconds']:.1f}s; label IoU {fmt(res['label_iou_search'])} -> alias "
+        f"{res['alias_text']!r} {fmt(res['alias_iou_search'])} (search), held-out label "
+        f"{fmt(res['label_iou_heldout'])} alias {fmt(res['alias_iou_heldout'])}; {res['evals']} evaluations")
+    return res

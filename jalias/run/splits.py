@@ -1,0 +1,95 @@
+"""The images of one category: search / held-out split, decoded images and ground truth, and the same images
+rebuilt from a finished run's records (for export)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .rundir import RunSettings
+
+
+@dataclass
+class Split:
+    """Images of one split, loaded: images uint8[H, W, 3], gts bool[H, W] (empty for negatives)."""
+
+    images: list[np.ndarray]
+    gts: list[np.ndarray]
+    image_ids: list[str]
+    is_negative: np.ndarray  # bool[K]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def n_positive(self) -> int:
+        return int((~self.is_negative).sum())
+
+
+def load_split(cd) -> Split:
+    """ConceptData -> Split: positives then negatives (decodes every image now; a corrupt file raises here)."""
+    images, gts = [], []
+    for i in range(len(cd.images)):
+        images.append(cd.image(i))
+        gts.append(np.asarray(cd.masks[i], bool))
+    for j in range(len(cd.negatives)):
+        img = cd.negative_image(j)
+        images.append(img)
+        gts.append(np.zeros(img.shape[:2], bool))
+    flags = np.array([False] * len(cd.images) + [True] * len(cd.negatives), bool)
+    return Split(images, gts, list(cd.image_ids) + list(cd.negative_ids), flags)
+
+
+def split_category(cd, settings: RunSettings):
+    """ConceptData (max_images already applied) -> (search ConceptData, held-out ConceptData or None)."""
+    from ..data import split_concept
+
+    n_neg = min(settings.negatives, len(cd.negatives))
+    sub = cd.subset(range(len(cd.images)), range(n_neg))
+    if settings.heldout <= 0 or len(sub.images) < 2:
+        return sub, None
+    search, held = split_concept(sub, settings.heldout, settings.seed)
+    return search, (held if len(held.images) + len(held.negatives) else None)
+
+
+def label_ids_of(label: str, name: str, max_length: int = 30) -> list[int]:
+    """Content token ids of a category's natural label (ValueError naming the category if there are none)."""
+    from ..tokenizer import encode
+
+    ids = encode(label)[:max_length]
+    if not ids:
+        raise ValueError(f"category {name!r}: its label {label!r} has no tokens")
+    return ids
+
+
+def rebuild_inputs(settings: RunSettings, res: dict) -> dict:
+    """A finished category's images in export order (search positives, search negatives, held-out positives,
+    held-out negatives) -> {"images", "gts", "image_ids", "split", "is_negative"} (rebuilt from the dataset)."""
+    from ..data import load_coco
+
+    (cd,) = load_coco(settings.annotations, settings.images, categories=[res["category"]])
+    pos = {iid: i for i, iid in enumerate(cd.image_ids)}
+    neg = {iid: j for j, iid in enumerate(cd.negative_ids)}
+    out: dict[str, list] = {"images": [], "gts": [], "image_ids": [], "split": [], "is_negative": []}
+    ids = res["images"]
+    for split in ("search", "heldout"):
+        for iid in ids[split]:
+            if iid not in pos:
+                raise ValueError(f"image {iid} of category {res['category']!r} is no longer annotated in "
+                                 f"{settings.annotations}")
+            i = pos[iid]
+            out["images"].append(cd.image(i))
+            out["gts"].append(np.asarray(cd.masks[i], bool))
+        for iid in ids[f"{split}_negatives"]:
+            if iid not in neg:
+                raise ValueError(f"negative image {iid} of category {res['category']!r} now has the category "
+                                 f"(or is gone) in {settings.annotations}")
+            img = cd.negative_image(neg[iid])
+            out["images"].append(img)
+            out["gts"].append(np.zeros(img.shape[:2], bool))
+        n = len(ids[split]) + len(ids[f"{split}_negatives"])
+        out["image_ids"] += ids[split] + ids[f"{split}_negatives"]
+        out["split"] += [split] * n
+        out["is_negative"] += [False] * len(ids[split]) + [True] * len(ids[f"{split}_negatives"])
+    return out
