@@ -163,6 +163,47 @@ def _speckled(u, v, rng):
     return rng.random(u.shape) < 0.5
 
 
+def _plain(u, v, rng):
+    return np.ones(u.shape, bool)  # one colour: the second of the pair never shows
+
+
+def _triangle(rng: np.random.Generator) -> Shape:
+    return [_circle(1.0, n=3)], []
+
+
+def _square(rng: np.random.Generator) -> Shape:
+    t = np.pi / 4 + np.arange(4) * np.pi / 2
+    return [np.stack([np.cos(t), np.sin(t)], axis=1)], []
+
+
+def _heart(rng: np.random.Generator) -> Shape:
+    t = np.linspace(0, 2 * np.pi, 56, endpoint=False)
+    x = 16 * np.sin(t) ** 3
+    y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
+    pts = np.stack([x, y + 2.5], axis=1)
+    return [pts / np.abs(pts).max()], []
+
+
+def _arrow(rng: np.random.Generator) -> Shape:
+    a = rng.uniform(0.18, 0.26)  # half shaft width
+    head = rng.uniform(0.1, 0.3)  # where the head starts (x)
+    q = [(-1, -a), (head, -a), (head, -0.62), (1, 0), (head, 0.62), (head, a), (-1, a)]
+    return [np.asarray(q, dtype=np.float64)], []
+
+
+def _diamond(rng: np.random.Generator) -> Shape:
+    w = rng.uniform(0.5, 0.62)  # a rhombus taller than wide
+    return [np.asarray([(0, -1), (w, 0), (0, 1), (-w, 0)], dtype=np.float64)], []
+
+
+# Every shape and texture the generators know, by the word that names it.
+SHAPES: dict[str, Callable] = {"blob": _blob, "star": _star, "ring": _ring, "crescent": _crescent,
+                               "hexagon": _hexagon, "cross": _cross, "triangle": _triangle, "square": _square,
+                               "heart": _heart, "arrow": _arrow, "diamond": _diamond}
+TEXTURES: dict[str, Callable] = {"striped": _stripes, "checkered": _checker, "dotted": _dots, "zigzag": _zigzag,
+                                 "gridded": _grid, "speckled": _speckled, "plain": _plain}
+
+
 # name -> (label, shape, texture). Order fixes each concept's seed stream: append, don't reorder.
 _REGISTRY: dict[str, tuple[str, Callable, Callable]] = {
     "striped_blob": ("striped blob", _blob, _stripes),
@@ -195,7 +236,7 @@ def _colour_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+def background(rng: np.random.Generator, size: int) -> np.ndarray:
     """Cluttered textured background, uint8[size, size, 3]."""
     yy, xx = np.mgrid[0:size, 0:size] / size
     ang = rng.uniform(0, 2 * np.pi)
@@ -232,6 +273,13 @@ def _draw_object(
 ) -> Instance:
     """Paint one object of ``concept`` into ``img`` (in place); return its Instance."""
     _, shape_fn, texture_fn = _REGISTRY[concept]
+    return draw_shape(rng, img, concept, shape_fn, texture_fn, cx, cy, radius)
+
+
+def draw_shape(rng: np.random.Generator, img: np.ndarray, concept: str, shape_fn: Callable, texture_fn: Callable,
+               cx: float, cy: float, radius: float) -> Instance:
+    """Paint one ``shape_fn`` object with ``texture_fn`` at (cx, cy), radius in pixels, into ``img`` (uint8[H, W, 3],
+    in place); return its Instance (tagged ``concept``)."""
     h, w = img.shape[:2]
     outer, holes = shape_fn(rng)
     rot = rng.uniform(0, 2 * np.pi)
@@ -258,10 +306,12 @@ def _draw_object(
     return Instance(concept=concept, mask=mask, polygons=polygons)
 
 
-def _place(rng: np.random.Generator, size: int, placed: list[tuple[float, float, float]]):
-    """Random (cx, cy, r) inside the image not overlapping earlier objects, or None after many tries."""
+def place_object(rng: np.random.Generator, size: int, placed: list[tuple[float, float, float]],
+                 radius: tuple[float, float] = (0.13, 0.24)):
+    """Random (cx, cy, r) inside the image not overlapping earlier objects, or None after many tries;
+    r is drawn from ``radius`` (fractions of the image side)."""
     for _ in range(200):
-        r = rng.uniform(0.13, 0.24) * size
+        r = rng.uniform(*radius) * size
         cx, cy = rng.uniform(r, size - r, 2)
         if all(np.hypot(cx - px, cy - py) > r + pr + 1.5 for px, py, pr in placed):
             return float(cx), float(cy), float(r)
@@ -270,14 +320,14 @@ def _place(rng: np.random.Generator, size: int, placed: list[tuple[float, float,
 
 def _make_sample(seed: int, concept: str, k: int, size: int, names: list[str]) -> Sample:
     rng = np.random.default_rng([seed, CONCEPT_NAMES.index(concept), k])
-    img = _background(rng, size)
+    img = background(rng, size)
     targets = int(rng.integers(1, 4))
     others = [n for n in CONCEPT_NAMES if n != concept]
     distractors = list(rng.choice(others, size=int(rng.integers(1, 3)), replace=True)) if rng.random() < 0.5 else []
     placed: list[tuple[float, float, float]] = []
     instances = []
     for i, name in enumerate([concept] * targets + [str(d) for d in distractors]):
-        spot = _place(rng, size, placed)
+        spot = place_object(rng, size, placed)
         if spot is None:
             continue  # image is full; fewer objects is fine (the first one always fits)
         placed.append(spot)

@@ -1,0 +1,180 @@
+"""The procedural world the small SAM3 is trained on, and the out-of-distribution concepts kept out of it.
+
+Objects are a shape (``synthetic.SHAPES``) painted with a texture (``synthetic.TEXTURES``) in a random colour
+pair, over the cluttered backgrounds of ``synthetic``. The model learns three kinds of noun phrase:
+
+- "<texture> <shape>" ("striped star"): the objects with both attributes;
+- "<shape>" ("star"): every object of that shape;
+- "<texture>" ("striped"): every object with that texture.
+
+Training renders only the TRAIN_SHAPES x TRAIN_TEXTURES combinations not used by an OOD concept. Each OOD concept
+is an object the training images never contain:
+
+- ``new-name``: a seen shape and texture in a combination never rendered, named by a word never trained
+  ("starfish" = dotted stars);
+- ``new-combo``: a combination never rendered, named by its trained words ("zigzag hexagon");
+- ``new-shape``: a shape never rendered, named by a word never trained ("heart").
+
+Nobody plants an answer: the ground truth is the drawn mask, and whether any token sequence segments the object
+is for the search to find out. Training and evaluation images come from disjoint seed streams
+(``TRAIN_STREAM`` vs ``EVAL_STREAM``), so no evaluation image is ever a training image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .masks import union_of_instances
+from .synthetic import SHAPES, TEXTURES, Concept, Dataset, Instance, Sample, background, draw_shape, place_object
+
+TRAIN_SHAPES = ("blob", "star", "ring", "crescent", "hexagon", "cross", "triangle", "square")
+TRAIN_TEXTURES = ("striped", "checkered", "dotted", "zigzag", "gridded", "speckled", "plain")
+TRAIN_STREAM = 1  # first word of every training image's seed
+EVAL_STREAM = 2  # ... and of every evaluation image's: the two never meet
+RADIUS = (0.12, 0.22)  # object radius, fraction of the image side
+
+
+@dataclass(frozen=True)
+class OODConcept:
+    """name (COCO category name), label (its natural prompt), what it looks like, and why it is OOD."""
+
+    name: str
+    label: str
+    shape: str
+    texture: str
+    kind: str  # new-name | new-combo | new-shape
+
+
+OOD_CONCEPTS: tuple[OODConcept, ...] = (
+    OODConcept("starfish", "starfish", "star", "dotted", "new-name"),
+    OODConcept("lifebuoy", "lifebuoy", "ring", "striped", "new-name"),
+    OODConcept("waffle", "waffle", "square", "gridded", "new-name"),
+    OODConcept("moon", "moon", "crescent", "speckled", "new-name"),
+    OODConcept("chessboard", "chessboard", "square", "checkered", "new-name"),
+    OODConcept("zigzag_hexagon", "zigzag hexagon", "hexagon", "zigzag", "new-combo"),
+    OODConcept("checkered_triangle", "checkered triangle", "triangle", "checkered", "new-combo"),
+    OODConcept("plain_cross", "plain cross", "cross", "plain", "new-combo"),
+    OODConcept("heart", "heart", "heart", "striped", "new-shape"),
+    OODConcept("arrow", "arrow", "arrow", "checkered", "new-shape"),
+    OODConcept("kite", "kite", "diamond", "dotted", "new-shape"),
+)
+OOD_BY_NAME = {c.name: c for c in OOD_CONCEPTS}
+HELD_OUT_COMBOS = frozenset((c.shape, c.texture) for c in OOD_CONCEPTS)
+TRAIN_COMBOS: tuple[tuple[str, str], ...] = tuple(
+    (s, t) for s in TRAIN_SHAPES for t in TRAIN_TEXTURES if (s, t) not in HELD_OUT_COMBOS)
+
+
+@dataclass(frozen=True)
+class IDConcept:
+    """A trained "<texture> <shape>" concept."""
+
+    shape: str
+    texture: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.texture}_{self.shape}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.texture} {self.shape}"
+
+
+ID_CONCEPTS: tuple[IDConcept, ...] = tuple(IDConcept(s, t) for s, t in TRAIN_COMBOS)
+
+
+@dataclass
+class Scene:
+    """One rendered image: uint8[S, S, 3], and per object its shape, texture and bool[S, S] mask (visible pixels;
+    objects never overlap)."""
+
+    image: np.ndarray
+    shapes: list[str]
+    textures: list[str]
+    masks: list[np.ndarray]
+    image_id: str = ""
+    instances: list[Instance] = field(default_factory=list)
+
+
+def render(rng: np.random.Generator, size: int, objects: list[tuple[str, str]], image_id: str = "",
+           tags: list[str] | None = None) -> Scene:
+    """Draw ``objects`` ((shape, texture) pairs; later ones are dropped when the image is full) over a background.
+    ``tags`` names each object's concept in the returned instances (default "<texture>_<shape>")."""
+    img = background(rng, size)
+    placed: list[tuple[float, float, float]] = []
+    scene = Scene(img, [], [], [], image_id)
+    for i, (shape, texture) in enumerate(objects):
+        spot = place_object(rng, size, placed, RADIUS)
+        if spot is None:
+            continue
+        placed.append(spot)
+        tag = tags[i] if tags else f"{texture}_{shape}"
+        inst = draw_shape(rng, img, tag, SHAPES[shape], TEXTURES[texture], *spot)
+        if inst.mask.any():
+            scene.shapes.append(shape)
+            scene.textures.append(texture)
+            scene.masks.append(inst.mask)
+            scene.instances.append(inst)
+    return scene
+
+
+def training_scene(seed: int, index: int, size: int) -> Scene:
+    """Training image ``index`` of ``seed``: 1-4 objects of trained combinations only."""
+    rng = np.random.default_rng([TRAIN_STREAM, seed, index])
+    n = int(rng.integers(1, 5))
+    picks = rng.integers(0, len(TRAIN_COMBOS), n)
+    return render(rng, size, [TRAIN_COMBOS[int(i)] for i in picks], f"train_{index:06d}")
+
+
+def concept_scene(seed: int, concept: OODConcept | IDConcept, k: int, size: int) -> Scene:
+    """Evaluation image k of a concept (from EVAL_STREAM): 1-3 instances of it and, half the time, 1-2 distractors
+    of trained combinations."""
+    ood = isinstance(concept, OODConcept)
+    idx = [c.name for c in OOD_CONCEPTS].index(concept.name) if ood else 100 + ID_CONCEPTS.index(concept)
+    rng = np.random.default_rng([EVAL_STREAM, seed, idx, k])
+    n = int(rng.integers(1, 4))
+    others = [c for c in TRAIN_COMBOS if c != (concept.shape, concept.texture)]
+    d = int(rng.integers(1, 3)) if rng.random() < 0.5 else 0
+    picks = [others[int(i)] for i in rng.integers(0, len(others), d)]
+    objects = [(concept.shape, concept.texture)] * n + picks
+    tags = [concept.name] * n + [f"{t}_{s}" for s, t in picks]
+    return render(rng, size, objects, f"{concept.name}_{k:03d}", tags)
+
+
+def ood_dataset(concepts: list[str] | None = None, n_images_per_concept: int = 12, image_size: int = 112,
+                seed: int = 0) -> Dataset:
+    """A COCO-ready ``synthetic.Dataset`` of OOD concepts (default: all), concept-major, ids "<name>_<k:03d>"."""
+    names = [c.name for c in OOD_CONCEPTS] if concepts is None else list(concepts)
+    unknown = [n for n in names if n not in OOD_BY_NAME]
+    if unknown:
+        raise ValueError(f"unknown OOD concept '{unknown[0]}'; choose from: {', '.join(OOD_BY_NAME)}")
+    if n_images_per_concept < 1:
+        raise ValueError(f"n_images_per_concept must be >= 1, got {n_images_per_concept}")
+    samples = []
+    for name in names:
+        for k in range(n_images_per_concept):
+            sc = concept_scene(seed, OOD_BY_NAME[name], k, image_size)
+            masks = {n: union_of_instances([i.mask for i in sc.instances if i.concept == n],
+                                           shape=(image_size, image_size)) for n in names}
+            samples.append(Sample(image=sc.image, masks=masks, image_id=sc.image_id,
+                                  instances=[i for i in sc.instances if i.concept in names]))
+    return Dataset(samples=samples, concepts=[Concept(n, OOD_BY_NAME[n].label) for n in names])
+
+
+def phrase_targets(scene: Scene, phrase: tuple[str | None, str | None]) -> list[int]:
+    """Indices of the scene's objects a phrase (texture or None, shape or None) refers to."""
+    texture, shape = phrase
+    return [i for i in range(len(scene.masks))
+            if (shape is None or scene.shapes[i] == shape) and (texture is None or scene.textures[i] == texture)]
+
+
+def phrase_text(phrase: tuple[str | None, str | None]) -> str:
+    return " ".join(w for w in phrase if w)
+
+
+def training_phrases() -> list[tuple[str | None, str | None]]:
+    """Every phrase the model is trained on: (texture, shape) combos, shapes alone, textures alone."""
+    return ([(t, s) for s, t in TRAIN_COMBOS] + [(None, s) for s in TRAIN_SHAPES]
+            + [(t, None) for t in TRAIN_TEXTURES])

@@ -1,0 +1,58 @@
+"""The small SAM3 the project trains, and the training recipe (frozen dataclasses; every knob is a field)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..model.config import (MaskDecoderConfig, Sam3Config, TextConfig, TransformerConfig, ViTConfig, VisionConfig,
+                            tiny_config)
+
+
+def small_config(image_size: int = 112, width: int = 64, text_width: int = 64, queries: int = 16) -> Sam3Config:
+    """Every SAM3 stage at small size: ViT (4 layers, windowed + global, RoPE) + FPN neck, CLIP text encoder over
+    the real 49,408-token BPE vocabulary, DETR fusion encoder, decoder with presence token, mask head."""
+    return Sam3Config(
+        vision=VisionConfig(
+            backbone=ViTConfig(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=4,
+                               num_attention_heads=4, image_size=image_size, patch_size=14, window_size=4,
+                               global_attn_indexes=(1, 3), pretrain_image_size=image_size),
+            fpn_hidden_size=width),
+        text=TextConfig(hidden_size=text_width, intermediate_size=4 * text_width, num_hidden_layers=3,
+                        num_attention_heads=4, projection_dim=text_width),
+        encoder=TransformerConfig(hidden_size=width, num_layers=2, num_attention_heads=4,
+                                  intermediate_size=4 * width),
+        decoder=TransformerConfig(hidden_size=width, num_layers=3, num_attention_heads=4,
+                                  intermediate_size=4 * width, num_queries=queries),
+        mask_decoder=MaskDecoderConfig(hidden_size=width, num_attention_heads=4),
+    )
+
+
+CONFIGS = {"small": small_config, "tiny": tiny_config}  # tiny: for tests (56 px, width 32)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training recipe. The batch of step i is a pure function of (seed, i), so a resumed run equals an
+    uninterrupted one."""
+
+    config: str = "small"  # a name in CONFIGS
+    steps: int = 7000
+    images_per_step: int = 8
+    prompts_per_image: int = 4  # half positive phrases, half absent phrases / random tokens
+    pool_size: int = 12_000  # training images rendered once (training_scene(seed, 0..pool_size-1))
+    lr: float = 5e-4
+    warmup: int = 300
+    final_lr_fraction: float = 0.1  # cosine decay to lr * this
+    weight_decay: float = 1e-4  # not on the token table: words never seen keep their initial embeddings
+    clip_norm: float = 1.0
+    seed: int = 0
+    random_token_negatives: float = 0.15  # fraction of negative prompts that are 1-4 random tokens
+    w_class: float = 2.0
+    w_presence: float = 1.0
+    w_mask_bce: float = 5.0
+    w_dice: float = 2.0
+    w_box: float = 2.0
+    checkpoint_every_s: float = 180.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,205 @@
+"""Train the small SAM3 with optax: one jitted step (forward through every stage, set loss, AdamW), resumable.
+
+    from jalias.train import train, TrainConfig
+    result = train(TrainConfig(steps=6000), out="runs/train-small")   # -> out/final (a jalias checkpoint)
+
+State (params, optimiser state, step) is written atomically to out/state every `checkpoint_every_s` seconds, on
+Ctrl-C/SIGTERM and at the end; `resume=True` continues from it, and because the batch of step i depends only on
+(seed, i), a resumed run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ..model.init import random_params
+from ..model.sam3 import Sam3Module
+from .batches import build_pool, reserved_tokens, sample_batch
+from .config import CONFIGS, TrainConfig
+from .loss import set_loss
+
+STATE_FORMAT = "jalias.train_state"
+
+
+class TrainError(RuntimeError):
+    """Bad training input or state (one-line message)."""
+
+
+@dataclass
+class TrainResult:
+    params: dict
+    step: int
+    losses: list[float]  # mean loss of each logged window
+    seconds: float
+
+
+def optimizer(train: TrainConfig) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(0.0, train.lr, train.warmup, max(train.steps, train.warmup + 1),
+                                                  train.lr * train.final_lr_fraction)
+
+    def decay_mask(params):
+        return jax.tree_util.tree_map_with_path(lambda path, _: "token_embedding" not in jax.tree_util.keystr(path),
+                                                params)
+
+    return optax.chain(optax.clip_by_global_norm(train.clip_norm),
+                       optax.adamw(schedule, weight_decay=train.weight_decay, mask=decay_mask))
+
+
+def make_step(cfg, train: TrainConfig, opt: optax.GradientTransformation) -> Callable:
+    module = Sam3Module(cfg)
+    p = train.prompts_per_image
+
+    def loss_fn(params, batch):
+        def run(method, *a, **k):
+            return module.apply({"params": params}, *a, method=getattr(Sam3Module, method), **k)
+
+        image = run("encode_image", batch["pixel_values"])
+        image = jax.tree_util.tree_map(lambda x: jnp.repeat(x, p, axis=0), image)
+        prompt, _ = run("encode_text", run("embed_tokens", batch["input_ids"]), batch["attention_mask"])
+        out = run("detect", image, prompt, batch["attention_mask"], fast=True)
+        return set_loss(out, batch, train)
+
+    @jax.jit
+    def step(params, opt_state, batch):
+        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, parts
+
+    return step
+
+
+# ---- state on disk ------------------------------------------------------------------------------------------------
+def save_state(path: Path, params, opt_state, step: int, train: TrainConfig, losses: list[float]) -> None:
+    """Atomically replace `path` with the training state (Orbax pytree of flat leaves + JSON)."""
+    import orbax.checkpoint as ocp
+
+    leaves = jax.tree_util.tree_leaves((params, opt_state))
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        ocp.PyTreeCheckpointer().save(tmp / "arrays", args=ocp.args.PyTreeSave(
+            {f"{i:05d}": np.asarray(x) for i, x in enumerate(leaves)}))
+        (tmp / "state.json").write_text(json.dumps({"format": STATE_FORMAT, "step": step, "train": train.to_dict(),
+                                                    "losses": losses}))
+        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+        if path.exists():
+            os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_state(path: Path, like, train: TrainConfig):
+    """(params, opt_state, step, losses) from `path`; `like` = (params, opt_state) gives the tree structure."""
+    import orbax.checkpoint as ocp
+
+    try:
+        meta = json.loads((path / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise TrainError(f"cannot read training state {path}: {e}") from None
+    if meta.get("format") != STATE_FORMAT:
+        raise TrainError(f"{path} is not a jalias training state")
+    saved = TrainConfig(**meta["train"])
+    if saved != train:
+        diff = [k for k, v in saved.to_dict().items() if train.to_dict()[k] != v and k != "checkpoint_every_s"]
+        if diff:
+            raise TrainError(f"--resume with other settings than the run in {path.parent}: {', '.join(diff)}")
+    leaves, treedef = jax.tree_util.tree_flatten(like)
+    arrays = ocp.PyTreeCheckpointer().restore(path / "arrays")
+    restored = [jnp.asarray(arrays[f"{i:05d}"], dtype=x.dtype) for i, x in enumerate(leaves)]
+    params, opt_state = jax.tree_util.tree_unflatten(treedef, restored)
+    return params, opt_state, int(meta["step"]), list(meta.get("losses", []))
+
+
+# ---- the loop -----------------------------------------------------------------------------------------------------
+def train(train: TrainConfig = TrainConfig(), out: str | os.PathLike = "runs/train-small", resume: bool = False,
+          progress: bool = True, stop_after: int | None = None, log: Callable[[str], None] = print) -> TrainResult:
+    """Train from scratch (or resume) and return the final params. stop_after: stop (state saved) after this many
+    steps of this call, as a kill would (tests use it)."""
+    if train.config not in CONFIGS:
+        raise TrainError(f"unknown model config '{train.config}'; choose from: {', '.join(CONFIGS)}")
+    if train.steps < 1:
+        raise TrainError(f"steps must be >= 1, got {train.steps}")
+    cfg = CONFIGS[train.config]()
+    out = Path(os.path.expanduser(os.fspath(out))).absolute()
+    state_path = out / "state"
+    if state_path.exists() and not resume:
+        raise TrainError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    opt = optimizer(train)
+    params = jax.tree_util.tree_map(jnp.asarray, random_params(cfg, train.seed))
+    opt_state = opt.init(params)
+    step, losses = 0, []
+    if resume and state_path.exists():
+        params, opt_state, step, losses = load_state(state_path, (params, opt_state), train)
+        log(f"resumed at step {step}/{train.steps}")
+    t0 = time.time()
+    pool = build_pool(cfg, train)
+    log(f"rendered {len(pool.scenes)} training scenes in {time.time() - t0:.0f} s")
+    reserved = reserved_tokens()
+    fn = make_step(cfg, train, opt)
+    stopping = {"now": False}
+
+    def on_signal(signum, frame):
+        stopping["now"] = True
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if _main_thread() else {}
+    bar = _bar(train.steps, step, progress)
+    last_save, window, done_here = time.time(), [], 0
+    start = time.time()
+    try:
+        while step < train.steps and not stopping["now"]:
+            batch = {k: jnp.asarray(v) for k, v in sample_batch(pool, train, step, reserved).items()}
+            params, opt_state, loss, parts = fn(params, opt_state, batch)
+            step += 1
+            done_here += 1
+            window.append(float(loss))
+            if not np.isfinite(window[-1]):
+                raise TrainError(f"loss became {window[-1]} at step {step}; lower --lr")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{np.mean(window[-50:]):.3f}", presence=f"{float(parts['presence']):.3f}")
+            if step % 100 == 0:
+                losses.append(float(np.mean(window)))
+                window = []
+            if time.time() - last_save > train.checkpoint_every_s:
+                save_state(state_path, params, opt_state, step, train, losses)
+                last_save = time.time()
+            if stop_after is not None and done_here >= stop_after:
+                break
+        save_state(state_path, params, opt_state, step, train, losses)
+    finally:
+        if bar is not None:
+            bar.close()
+        for s, h in old.items():
+            signal.signal(s, h)
+    return TrainResult(jax.tree_util.tree_map(np.asarray, params), step, losses, time.time() - start)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _bar(total: int, initial: int, on: bool):
+    if not on:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)

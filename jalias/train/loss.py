@@ -1,0 +1,94 @@
+"""DETR set loss for SAM3's text-prompted detections: Hungarian matching, then per-query class BCE, presence BCE,
+mask BCE + dice and box L1 on the matched queries.
+
+Why this loss: SAM3's prediction keeps the queries whose sigmoid(score) x sigmoid(presence) passes 0.5 and takes
+the union of their masks, so each referred instance should own one confident query (class target 1 after
+matching, 0 for the rest), presence should say whether the phrase is in the image at all (0 for absent phrases and
+random tokens), and a matched query's mask should be its instance. Plain BCE (not focal) keeps the scores
+calibrated around the 0.5 threshold the prediction rule uses.
+
+Matching runs on the host (`scipy.optimize.linear_sum_assignment`) through `jax.pure_callback` on a
+stop-gradient cost, so the whole step stays one jitted function.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from .config import TrainConfig
+
+_INVALID = 1e6  # cost of matching a padded (absent) target slot
+
+
+def _bce(logits: jax.Array, target: jax.Array) -> jax.Array:
+    return jnp.maximum(logits, 0) - logits * target + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+
+
+def match_costs(out: dict, tmask: jax.Array, tbox: jax.Array, tvalid: jax.Array, w: TrainConfig) -> jax.Array:
+    """Cost float32[N, Q, M] of assigning query q to target slot j (padded slots cost _INVALID).
+
+    out: detector outputs (pred_logits [N, Q], pred_boxes [N, Q, 4] xyxy, pred_masks [N, Q, m, m] logits);
+    tmask [N, M, m, m] in [0, 1]; tbox [N, M, 4] xyxy; tvalid bool [N, M]."""
+    logits = out["pred_logits"].astype(jnp.float32)
+    masks = out["pred_masks"].astype(jnp.float32)
+    n, q, m = masks.shape[0], masks.shape[1], tmask.shape[1]
+    pm = masks.reshape(n, q, -1)
+    tm = tmask.reshape(n, m, -1)
+    hw = pm.shape[-1]
+    # mean pixel BCE for every (q, j): sum_p [softplus(x) - x*t] via two matmuls
+    pos = jnp.einsum("nqp,nmp->nqm", -jax.nn.log_sigmoid(pm), tm)
+    neg = jnp.einsum("nqp,nmp->nqm", -jax.nn.log_sigmoid(-pm), 1 - tm)
+    bce = (pos + neg) / hw
+    sig = jax.nn.sigmoid(pm)
+    inter = jnp.einsum("nqp,nmp->nqm", sig, tm)
+    dice = 1 - (2 * inter + 1) / (sig.sum(-1)[:, :, None] + tm.sum(-1)[:, None, :] + 1)
+    l1 = jnp.abs(out["pred_boxes"][:, :, None, :] - tbox[:, None, :, :]).sum(-1)
+    cls = -jax.nn.sigmoid(logits)[:, :, None]
+    cost = w.w_class * cls + w.w_mask_bce * bce + w.w_dice * dice + w.w_box * l1
+    return jnp.where(tvalid[:, None, :], cost, _INVALID)
+
+
+def _hungarian(cost: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """cost float32[N, Q, M], valid bool[N, M] -> int32[N, M]: the query matched to each valid slot (0 where
+    the slot is padding)."""
+    out = np.zeros(valid.shape, np.int32)
+    for i in range(cost.shape[0]):
+        cols = np.nonzero(valid[i])[0]
+        if cols.size:
+            rows, c = linear_sum_assignment(cost[i][:, cols])
+            out[i, cols[c]] = rows
+    return out
+
+
+def hungarian(cost: jax.Array, valid: jax.Array) -> jax.Array:
+    """Optimal one-to-one assignment of target slots to queries (host scipy), callable under jit/grad."""
+    cost = jax.lax.stop_gradient(cost)
+    shape = jax.ShapeDtypeStruct(valid.shape, jnp.int32)
+    return jax.pure_callback(_hungarian, shape, cost, valid, vmap_method="sequential")
+
+
+def set_loss(out: dict, batch: dict, w: TrainConfig) -> tuple[jax.Array, dict]:
+    """Scalar loss and its parts for detector outputs on B*P pairs (see `batches.sample_batch` for the batch)."""
+    tmask, tbox, tvalid = batch["tmask"], batch["tbox"], batch["tvalid"]
+    idx = hungarian(match_costs(out, tmask, tbox, tvalid, w), tvalid)  # [N, M]
+    n, q = out["pred_logits"].shape
+    validf = tvalid.astype(jnp.float32)
+    n_targets = jnp.maximum(validf.sum(), 1.0)
+    onehot = jax.nn.one_hot(idx, q) * validf[..., None]  # [N, M, Q]
+    cls_target = jnp.clip(onehot.sum(1), 0, 1)
+    cls = _bce(out["pred_logits"].astype(jnp.float32), cls_target).sum() / n_targets
+    presence = _bce(out["presence_logits"][:, 0].astype(jnp.float32), batch["present"]).mean()
+    masks = jnp.take_along_axis(out["pred_masks"].astype(jnp.float32), idx[:, :, None, None], axis=1)  # [N,M,m,m]
+    mb = (_bce(masks, tmask).mean((-2, -1)) * validf).sum() / n_targets
+    sig = jax.nn.sigmoid(masks).reshape(n, tmask.shape[1], -1)
+    tm = tmask.reshape(n, tmask.shape[1], -1)
+    dice = 1 - (2 * (sig * tm).sum(-1) + 1) / (sig.sum(-1) + tm.sum(-1) + 1)
+    dice = (dice * validf).sum() / n_targets
+    boxes = jnp.take_along_axis(out["pred_boxes"], idx[:, :, None], axis=1)
+    box = (jnp.abs(boxes - tbox).sum(-1) * validf).sum() / n_targets
+    parts = {"class": cls, "presence": presence, "mask_bce": mb, "dice": dice, "box": box}
+    total = (w.w_class * cls + w.w_presence * presence + w.w_mask_bce * mb + w.w_dice * dice + w.w_box * box)
+    return total, parts

@@ -1,0 +1,111 @@
+"""Training the small SAM3 (jalias/train): the loss goes down, resume equals an uninterrupted run, the matching is
+optimal, and OOD concepts never reach the training data (by construction, checked here)."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jalias.data import world
+from jalias.model.init import random_params
+from jalias.tokenizer import encode
+from jalias.train import TrainConfig, TrainError, train
+from jalias.train import batches, loop
+from jalias.train.config import CONFIGS
+from jalias.train.loss import _hungarian
+
+TINY = TrainConfig(config="tiny", steps=6, images_per_step=2, prompts_per_image=4, pool_size=12, warmup=2,
+                   checkpoint_every_s=1e9)
+
+
+def test_training_steps_lower_the_loss_on_a_fixed_batch():
+    cfg = CONFIGS["tiny"]()
+    tc = TrainConfig(config="tiny", images_per_step=2, prompts_per_image=4, lr=2e-3, warmup=1, steps=40)
+    pool = batches.build_pool(cfg, tc, n=4)
+    batch = {k: jnp.asarray(v) for k, v in batches.sample_batch(pool, tc, 0, batches.reserved_tokens()).items()}
+    opt = loop.optimizer(tc)
+    params = jax.tree_util.tree_map(jnp.asarray, random_params(cfg, 0))
+    state = opt.init(params)
+    step = loop.make_step(cfg, tc, opt)
+    losses = []
+    for _ in range(25):
+        params, state, loss, _ = step(params, state, batch)
+        losses.append(float(loss))
+    assert np.all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3]), losses
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full = train(TINY, out=tmp_path / "a", progress=False, log=lambda s: None)
+    part = train(TINY, out=tmp_path / "b", progress=False, stop_after=3, log=lambda s: None)
+    assert part.step == 3
+    with pytest.raises(TrainError, match="--resume"):
+        train(TINY, out=tmp_path / "b", progress=False, log=lambda s: None)
+    rest = train(TINY, out=tmp_path / "b", resume=True, progress=False, log=lambda s: None)
+    assert rest.step == full.step == 6
+    for a, b in zip(jax.tree_util.tree_leaves(full.params), jax.tree_util.tree_leaves(rest.params)):
+        np.testing.assert_array_equal(a, b)
+    assert full.losses == rest.losses or len(full.losses) == 0
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    train(TINY, out=tmp_path / "a", progress=False, stop_after=1, log=lambda s: None)
+    other = TrainConfig(**{**TINY.to_dict(), "lr": 1e-3})
+    with pytest.raises(TrainError, match="lr"):
+        train(other, out=tmp_path / "a", resume=True, progress=False, log=lambda s: None)
+
+
+def test_hungarian_is_optimal_against_brute_force():
+    rng = np.random.default_rng(0)
+    cost = rng.normal(size=(5, 6, 3)).astype(np.float32)
+    valid = np.array([[1, 1, 1], [1, 0, 0], [0, 0, 0], [1, 1, 0], [1, 0, 1]], bool)
+    got = _hungarian(cost, valid)
+    for i in range(5):
+        cols = np.nonzero(valid[i])[0]
+        if not cols.size:
+            continue
+        assert len(set(got[i, cols])) == cols.size  # one query per target
+        best = min(sum(cost[i, q, c] for q, c in zip(perm, cols))
+                   for perm in itertools.permutations(range(6), cols.size))
+        assert np.isclose(sum(cost[i, got[i, c], c] for c in cols), best)
+
+
+def test_ood_concepts_never_reach_training_data():
+    held = {(c.shape, c.texture) for c in world.OOD_CONCEPTS}
+    new_shapes = {c.shape for c in world.OOD_CONCEPTS if c.kind == "new-shape"}
+    assert held.isdisjoint(world.TRAIN_COMBOS)
+    assert new_shapes.isdisjoint(world.TRAIN_SHAPES)
+    for i in range(300):  # rendered training scenes hold trained combinations only
+        sc = world.training_scene(0, i, 56)
+        assert set(zip(sc.shapes, sc.textures)) <= set(world.TRAIN_COMBOS)
+    # no training prompt and no random negative uses a token of an OOD label that is not a trained word
+    trained = {t for p in world.training_phrases() for t in encode(world.phrase_text(p))}
+    ood_only = {t for c in world.OOD_CONCEPTS for t in encode(c.label)} - trained
+    assert ood_only, "the new-name / new-shape labels should hold words the model never trains on"
+    reserved = set(batches.reserved_tokens().tolist())
+    assert ood_only <= reserved
+    tc = TrainConfig(config="tiny", images_per_step=4, prompts_per_image=6, random_token_negatives=0.5)
+    pool = batches.build_pool(CONFIGS["tiny"](), tc, n=16)
+    seen = set()
+    for step in range(30):
+        b = batches.sample_batch(pool, tc, step, batches.reserved_tokens())
+        seen |= set(b["input_ids"][b["attention_mask"] == 1].tolist())
+    assert seen.isdisjoint(ood_only)
+    # evaluation images come from another seed stream than training images
+    assert world.TRAIN_STREAM != world.EVAL_STREAM
+
+
+def test_batch_targets_follow_the_phrase():
+    tc = TrainConfig(config="tiny", images_per_step=4, prompts_per_image=4, random_token_negatives=0.0)
+    cfg = CONFIGS["tiny"]()
+    pool = batches.build_pool(cfg, tc, n=8)
+    b = batches.sample_batch(pool, tc, 5, batches.reserved_tokens())
+    # positives (first half of each image's prompts) have targets and present=1; negatives have none
+    rows = np.arange(16).reshape(4, 4)
+    assert np.all(b["present"][rows[:, :2]] == 1) and np.all(b["tvalid"][rows[:, :2]].any(-1))
+    assert np.all(b["present"][rows[:, 2:]] == 0) and not b["tvalid"][rows[:, 2:]].any()
+    assert np.all(b["tmask"][b["tvalid"]].sum((-1, -2)) > 0)
