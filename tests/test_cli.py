@@ -121,7 +121,7 @@ def test_demo_writes_report_and_sane_results(demo_run):
 
 def test_overlay_masks_match_engine_iou(demo_run):
     """The overlay/export prediction path gives the engine's IoU for the same image and prompt."""
-    from jalias.run.export import predict
+    from jalias.engine.predict import predict
 
     out, _ = demo_run
     settings = RunDir(out).read_settings()

@@ -58,6 +58,7 @@ from ..model.init import random_params
 from ..model.preprocess import preprocess
 from ..model.sam3 import Sam3, Sam3Module
 from ..tokenizer import encode, token_strings
+from .masks import iou
 from .synthetic import CONCEPT_NAMES, make_dataset
 
 DEFAULT_VOCAB_SIZE = 2000
@@ -157,15 +158,13 @@ def _forward_fn(cfg: Sam3Config, size: int):
                 {"params": params}, c, prompt, mask, method=Sam3Module.detect,
                 capture_intermediates=lambda mod, _: mod.name in _CAPTURE, mutable=["intermediates"])
             inter = state["intermediates"]
-            score = jax.nn.sigmoid(out["pred_logits"]) * jax.nn.sigmoid(out["presence_logits"])  # [n, Q]
+            score = scoring.query_scores(out["pred_logits"], out["presence_logits"])  # [n, Q]
             keep = score > 0.5
-            up = jnp.einsum("Hh,nqhw,Ww->nqHW", rows, out["pred_masks"].astype(jnp.float32), rows)
-            best = jnp.max(jnp.where(keep[:, :, None, None], up, -jnp.inf), axis=1)  # union decision value
+            best = scoring.union_decision(out["pred_masks"], keep, rows, rows)  # [n, size, size]
             return {
                 "pred": best > 0, "keep": keep,
                 # smallest distance of any decision to its threshold: pixels (of the union) and queries
-                "margin": jnp.minimum(jnp.min(jnp.abs(jnp.where(jnp.isfinite(best), best, 1.0)), axis=(1, 2)),
-                                      jnp.min(jnp.abs(score - 0.5), axis=1)),
+                "margin": jnp.minimum(jnp.min(jnp.abs(best), axis=(1, 2)), jnp.min(jnp.abs(score - 0.5), axis=1)),
                 "logits": out["pred_logits"], "presence": out["presence_logits"][:, 0],
                 "mask_std": jnp.std(out["pred_masks"], axis=(1, 2, 3)),
                 "pixel_mean": inter["mask_decoder"]["pixel_decoder"]["__call__"][0].mean((1, 2)),
@@ -315,6 +314,7 @@ def calibrate(cfg: Sam3Config, params: dict, ctx: dict, prompts: np.ndarray, siz
     logits, presence = o["logits"], o["presence"] + shift
 
     def mean_keep(c: float) -> float:
+        # the keep rule in float64 on stored logits: only the offset to add to them is sought here
         s = _sigmoid(logits + c) * _sigmoid(presence)[..., None]
         return float((s > 0.5).sum(-1).mean())
 
@@ -402,9 +402,7 @@ def _sigmoid(x):
 
 def mean_iou(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
     """pred bool[N, K, H, W], gt bool[K, H, W] -> float32[N] mean IoU over images (empty vs empty = 1)."""
-    inter = (pred & gt[None]).sum((-2, -1))
-    union = (pred | gt[None]).sum((-2, -1))
-    return np.where(union == 0, 1.0, inter / np.maximum(union, 1)).mean(-1).astype(np.float32)
+    return iou(pred, gt[None]).mean(-1).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------------

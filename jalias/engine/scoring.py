@@ -1,7 +1,8 @@
 """Pure jax scoring functions: prompt layout, the exact mask prediction + IoU, and the soft (differentiable) IoU.
 
-Prediction rule (exact path): a query is kept when sigmoid(pred_logit) * sigmoid(presence_logit) > threshold
-(0.5); its mask logits are resized bilinearly (half-pixel centres, no antialiasing: torch
+Prediction rule (exact path; this file is its one definition, see `query_scores` / `query_keep` /
+`union_decision` / `predicted_mask`): a query is kept when sigmoid(pred_logit) * sigmoid(presence_logit) >
+threshold (0.5); its mask logits are resized bilinearly (half-pixel centres, no antialiasing: torch
 `F.interpolate(mode="bilinear", align_corners=False)`) to the GT's resolution and thresholded at 0; the predicted
 mask is the union over kept queries. IoU follows `jalias.data.masks.iou` (empty vs empty = 1).
 """
@@ -49,16 +50,32 @@ def bilinear_matrix(out_size: int, in_size: int) -> np.ndarray:
     return m.astype(np.float32)
 
 
+DROPPED_LOGIT = -1.0  # mask logit a dropped query gets before resizing: a resized constant stays < 0
+
+
+def query_scores(pred_logits: jax.Array, presence_logits: jax.Array) -> jax.Array:
+    """[..., Q], [..., 1] -> float32 [..., Q]: query prob x presence prob."""
+    return jax.nn.sigmoid(pred_logits.astype(jnp.float32)) * jax.nn.sigmoid(presence_logits.astype(jnp.float32))
+
+
 def query_keep(pred_logits: jax.Array, presence_logits: jax.Array, threshold: float = 0.5) -> jax.Array:
     """[..., Q], [..., 1] -> bool [..., Q]: queries whose score (query prob x presence prob) passes threshold."""
-    return jax.nn.sigmoid(pred_logits) * jax.nn.sigmoid(presence_logits) > threshold
+    return query_scores(pred_logits, presence_logits) > threshold
+
+
+def union_decision(masks: jax.Array, keep: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array:
+    """masks [..., Q, h, w] logits, keep bool [..., Q], rows [H, h], cols [W, w] -> float32 [..., H, W]: the max
+    over queries of the resized mask logits, dropped queries at DROPPED_LOGIT. The predicted mask is where it is
+    > 0, and |value| is how far a pixel is from flipping (down to |DROPPED_LOGIT|)."""
+    m = jnp.where(keep[..., None, None], masks.astype(jnp.float32), DROPPED_LOGIT)
+    up = jnp.matmul(rows, jnp.matmul(m, cols.T))  # [..., Q, H, W]; two GEMMs, separable bilinear resize
+    return jnp.max(up, axis=-3)
 
 
 def predicted_mask(masks: jax.Array, keep: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array:
-    """One candidate: masks [Q, h, w] logits, keep bool [Q], rows [H, h], cols [W, w] -> bool [H, W] union."""
-    m = jnp.where(keep[:, None, None], masks.astype(jnp.float32), -1.0)  # dropped queries: never > 0
-    up = jnp.matmul(rows, jnp.matmul(m, cols.T))  # [Q, H, W]; two GEMMs, separable bilinear resize
-    return jnp.any(up > 0, axis=-3)
+    """masks [..., Q, h, w] logits, keep bool [..., Q], rows [H, h], cols [W, w] -> bool [..., H, W]: the union of
+    the kept queries' resized masks."""
+    return union_decision(masks, keep, rows, cols) > 0
 
 
 def iou(pred: jax.Array, gt: jax.Array) -> jax.Array:
@@ -106,7 +123,7 @@ def exact_iou(out: dict, gt: jax.Array, rows: jax.Array, cols: jax.Array, thresh
 def soft_union(out: dict) -> jax.Array:
     """Differentiable union: 1 - prod_q (1 - s_q * sigmoid(mask_q)), s_q = query prob x presence prob.
     pred_masks [N, Q, h, w] -> [N, h, w] in [0, 1]."""
-    s = jax.nn.sigmoid(out["pred_logits"]) * jax.nn.sigmoid(out["presence_logits"])  # [N, Q]
+    s = query_scores(out["pred_logits"], out["presence_logits"])  # [N, Q]
     p = s[..., None, None] * jax.nn.sigmoid(out["pred_masks"].astype(jnp.float32))
     return 1.0 - jnp.exp(jnp.sum(jnp.log1p(-jnp.clip(p, 0.0, 1 - 1e-6)), axis=-3))
 
@@ -118,8 +135,7 @@ def soft_scores(out: dict, gt_soft: jax.Array, negative: jax.Array) -> jax.Array
     inter = jnp.sum(u * gt_soft, axis=(-2, -1))
     union = jnp.sum(u + gt_soft - u * gt_soft, axis=(-2, -1))
     pos = inter / (union + 1e-6)
-    s = jax.nn.sigmoid(out["pred_logits"]) * jax.nn.sigmoid(out["presence_logits"])
-    neg = 1.0 - jnp.max(s, axis=-1)
+    neg = 1.0 - jnp.max(query_scores(out["pred_logits"], out["presence_logits"]), axis=-1)
     return jnp.where(negative, neg, pos)
 
 

@@ -1,4 +1,4 @@
-"""Model outputs of a prompt on an image (`predict`, also used for report overlays) and teacher-target export.
+"""Teacher targets of a finished run, from `jalias.engine.predict` (the engine's prediction rule).
 
 `jalias export RUN_DIR` writes, for every finished category of a run, the alias and what SAM3 does with it, as
 targets for distilling the alias into another model. Output folder (default RUN_DIR/export/):
@@ -47,12 +47,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..engine.predict import UNION_FLOOR, layout, predict
 from .io import write_json_atomic
 from .model import load_model
 from .rundir import RunDir
 from .splits import rebuild_inputs
 
-UNION_FLOOR = -20.0  # union_logits where no query is kept: sigmoid(-20) ~ 2e-9, "certainly background"
 EXPORT_FORMAT = "jalias.export"
 EXPORT_VERSION = 1
 
@@ -77,79 +77,6 @@ KEYS = {
     "pred_masks": "float16[K, Q, m, m] every query's mask logits (optional)",
     "mask_###": "bool[H_i, W_i] predicted mask of image i at its resolution",
 }
-
-_UNION_FN = None
-
-
-def _union_fn():
-    """jit(vmap(scoring.predicted_mask)) over prompts, built on first use (keeps `import jalias.run.export` light)."""
-    global _UNION_FN
-    if _UNION_FN is None:
-        import jax
-
-        from ..engine import scoring
-
-        _UNION_FN = jax.jit(jax.vmap(scoring.predicted_mask, in_axes=(0, 0, None, None)))
-    return _UNION_FN
-
-
-def layout(prompts: Sequence[Sequence[int]], context: int) -> tuple[np.ndarray, np.ndarray]:
-    """N content-id sequences (any lengths) -> (input_ids int32[N, T], attention_mask int32[N, T])."""
-    from ..engine import scoring
-
-    rows = [scoring.layout_prompts(np.asarray(p, np.int32).reshape(1, -1), context) for p in prompts]
-    return np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows])
-
-
-def predict(model, image: np.ndarray, prompts: Sequence[Sequence[int]], threshold: float = 0.5,
-            context: dict | None = None, mask_shape: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
-    """SAM3 outputs of N prompts on one image, with the engine's prediction rule (jalias.engine.scoring).
-
-    image: uint8[H, W, 3]; prompts: N sequences of content token ids; context: the image's cached context
-    (e.g. `engine.contexts[i]`) to skip the image encoder; mask_shape: (H', W') of the predicted masks
-    (default the image's). Returns numpy arrays: masks bool[N, H', W'], pred_masks float32[N, Q, m, m],
-    pred_logits [N, Q], presence_logits [N, 1], scores [N, Q], keep bool[N, Q], pred_boxes [N, Q, 4],
-    semantic_logits [N, m, m], union_logits [N, m, m].
-    """
-    import jax.numpy as jnp
-
-    from ..engine import scoring
-    from ..model.preprocess import preprocess
-
-    cfg = model.config
-    input_ids, mask = layout(prompts, cfg.context_length)
-    if context is None:
-        context = model.encode_image(preprocess(image, cfg.image_size))
-    prompt = model.encode_text(input_ids, mask)
-    out = model.detect(context, prompt, mask)
-    keep = scoring.query_keep(out["pred_logits"], out["presence_logits"], threshold)
-    m = out["pred_masks"].shape[-1]
-    h, w = mask_shape if mask_shape is not None else image.shape[:2]
-    rows = jnp.asarray(scoring.bilinear_matrix(h, m))
-    cols = jnp.asarray(scoring.bilinear_matrix(w, m))
-    masks = _union_fn()(out["pred_masks"], keep, rows, cols)
-    pred_masks = np.asarray(out["pred_masks"], np.float32)
-    keep = np.asarray(keep)
-    union = np.where(keep[:, :, None, None], pred_masks, -np.inf).max(axis=1)
-    union = np.where(np.isfinite(union), union, UNION_FLOOR).astype(np.float32)
-    scores = (_sigmoid(np.asarray(out["pred_logits"], np.float32))
-              * _sigmoid(np.asarray(out["presence_logits"], np.float32)))
-    return {
-        "masks": np.asarray(masks, bool),
-        "pred_masks": pred_masks,
-        "pred_logits": np.asarray(out["pred_logits"], np.float32),
-        "presence_logits": np.asarray(out["presence_logits"], np.float32),
-        "scores": scores.astype(np.float32),
-        "keep": keep,
-        "pred_boxes": np.asarray(out["pred_boxes"], np.float32),
-        "semantic_logits": np.asarray(out["semantic_seg"], np.float32)[:, 0],
-        "union_logits": union,
-    }
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
-
 
 def text_targets(model, ids: Sequence[int]) -> dict[str, np.ndarray]:
     """Alias content ids [L] -> input_ids int32[T], attention_mask int32[T], prompt_features float32[T, D],

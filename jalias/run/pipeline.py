@@ -161,7 +161,7 @@ def _overlay(model, path: Path, parts, label_ids, alias_ids, threshold: float, o
              alias_text: str) -> None:
     """A few positives of each split and one negative, with the engine's prediction rule.
     parts: (split name, Split, engine, label IoU [K], alias IoU [K]) per split."""
-    from .export import predict
+    from ..engine.predict import predict
 
     rows = []
     for split_name, split, eng, il, ia in parts:
