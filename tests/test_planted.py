@@ -7,7 +7,7 @@ import pytest
 
 from jalias.data.planted import MAX_COVER, MIN_COVER, make_planted, mean_iou, planted_vocab, predict
 from jalias.engine import Engine
-from jalias.search import METHODS, run_search
+from jalias.search import METHODS, ScoringEngine, run_search
 from jalias.tokenizer import token_strings
 
 N_SEARCH, N_HELDOUT = 4, 2
@@ -37,6 +37,7 @@ def engine(problem):
 def test_hidden_sequence_scores_exactly_one(any_problem):
     problem = any_problem
     engine = Engine(problem.model, problem.search_images, problem.search_masks, chunk_size=16, prefix_cache=False)
+    assert isinstance(engine, ScoringEngine)  # what the search methods rely on
     assert problem.stats["kind"] in ("direction", "random")
     assert problem.hidden_ids.dtype == np.int32 and problem.hidden_ids.shape == (4,)
     assert np.isin(problem.hidden_ids, problem.allowed_vocab).all()

@@ -1,7 +1,6 @@
 """Search methods against the toy engine: improvement, exact budgets, determinism, resumption, vocab filters."""
 import json
 
-import jax
 import numpy as np
 import pytest
 
@@ -13,13 +12,15 @@ from jalias.search import (
     HalvingConfig,
     LocalConfig,
     SearchConfig,
+    ScoringEngine,
     SearchResult,
     SoftConfig,
     objective,
     run_search,
 )
-from jalias.search.base import allowed_token_ids, ascii_word_piece_mask, coerce_config
-from jalias.search.toy import ToyEngine
+from jalias.search.base import coerce_config
+from jalias.search.vocab import allowed_token_ids, ascii_word_piece_mask
+from toy_engine import ToyEngine
 
 # Small settings per method: a few iterations each, well under a second per run.
 SMALL = {
@@ -38,11 +39,6 @@ def config_for(method, **overrides):
 
 def engine(**kw):
     return ToyEngine(**{"vocab_size": 500, "seed": 0, **kw})
-
-
-def engine_evals(e):
-    jax.effects_barrier()  # soft_loss calls are counted by a debug callback
-    return e.evals
 
 
 def comparable(result: SearchResult) -> dict:
@@ -65,6 +61,7 @@ def test_objective_values():
 
 def test_budget_pays_only_what_it_can():
     e = engine(n_positive=3)
+    assert isinstance(e, ScoringEngine)
     b = Budget(e, budget=20, negative_weight=0.5, halving=HalvingConfig(mode="off"), seed=0)
     ids = np.tile(e.target_ids, (10, 1))
     assert b.score(ids).shape == (6, 3)  # floor(20 / 3) rows
@@ -110,7 +107,7 @@ def test_improves_and_respects_budget(method):
     r = run_search(method, e, config_for(method))
     assert r.method == method and r.best
     assert r.best[0].objective > r.history[0][1] + 0.2, (r.history[0], r.best[0])
-    assert r.evals_used <= BUDGET[method] and r.evals_used == engine_evals(e)
+    assert r.evals_used <= BUDGET[method] and r.evals_used == e.evals
     assert r.evals_used > BUDGET[method] - 4 * (3 + 1)  # stops only when no further step is affordable
     objs = [c.objective for c in r.best]
     assert objs == sorted(objs, reverse=True) and len({tuple(c.ids) for c in r.best}) == len(r.best)
@@ -127,7 +124,7 @@ def test_improves_and_respects_budget(method):
 def test_budget_smaller_than_a_batch(method, budget):
     e = engine()
     r = run_search(method, e, config_for(method, budget=budget))
-    assert r.evals_used <= budget and r.evals_used == engine_evals(e)
+    assert r.evals_used <= budget and r.evals_used == e.evals
     assert r.stop_reason == "budget"
     if budget < e.n_images:
         assert r.best == [] and r.evals_used == 0
@@ -165,12 +162,12 @@ def test_resume_is_exact(method, stop_after):
     with pytest.raises(Interrupt):
         run_search(method, e1, cfg, on_checkpoint=interrupt)
     state = saved[-1]
-    assert state["budget"]["used"] == engine_evals(e1)  # the checkpoint accounts for every evaluation made
+    assert state["budget"]["used"] == e1.evals  # the checkpoint accounts for every evaluation made
 
     e2 = engine()
     resumed = run_search(method, e2, cfg, resume_state=state)
     assert comparable(resumed) == comparable(full)
-    assert engine_evals(e2) == full.evals_used - state["budget"]["used"]  # nothing repeated, nothing lost
+    assert e2.evals == full.evals_used - state["budget"]["used"]  # nothing repeated, nothing lost
 
 
 def test_resume_refuses_another_config():
@@ -237,7 +234,7 @@ def test_halving_runs_within_budget(method):
     e = engine(n_positive=12, n_negative=4)
     halving = HalvingConfig(mode="on", min_images=4)
     r = run_search(method, e, config_for(method, budget=6000, halving=halving))
-    assert r.evals_used <= 6000 and r.evals_used == engine_evals(e)
+    assert r.evals_used <= 6000 and r.evals_used == e.evals
     assert r.best[0].objective > r.history[0][1]
     top = r.best[0]
     assert objective(e.score(np.array([top.ids])), e.is_negative, 0.5)[0] == pytest.approx(top.objective)
@@ -311,7 +308,7 @@ def test_soft_projection_metrics():
 def test_soft_l2_projection_runs():
     e = engine()
     r = run_search("soft", e, config_for("soft", projection="l2", weight_decay=0.01))
-    assert r.evals_used == engine_evals(e) <= BUDGET["soft"] and r.best[0].objective > r.history[0][1]
+    assert r.evals_used == e.evals <= BUDGET["soft"] and r.best[0].objective > r.history[0][1]
 
 
 def test_evolution_truncation_selection_and_label_population():
@@ -320,7 +317,7 @@ def test_evolution_truncation_selection_and_label_population():
     cfg = config_for("evolution", selection="truncation", crossover_rate=1.0, mutation_rate=0.5)
     e = engine()
     r = run_search("evolution", e, cfg)
-    assert r.evals_used == engine_evals(e) and r.best[0].objective > r.history[0][1]
+    assert r.evals_used == e.evals and r.best[0].objective > r.history[0][1]
     label_cfg = EvolutionConfig(population=8, init="label", label_ids=[5, 6], length=4)
     pop = initial_population(label_cfg, np.arange(100, dtype=np.int32), 0.25, np.random.default_rng(0))
     assert pop.shape == (8, 4) and pop[0, :2].tolist() == [5, 6]
@@ -336,29 +333,28 @@ def test_budget_full_coverage_in_any_image_order():
     assert b.top[0][1] == pytest.approx(float(expected))
 
 
-def test_soft_uses_engine_value_and_grad_and_negative_weight():
-    from jalias.search import toy
-
-    class WithValueAndGrad(ToyEngine):
-        """Like the real engine: its own soft_loss_and_grad, charging its own counter."""
-
-        calls = []
+def test_searches_pass_their_negative_weight_to_the_engine():
+    """The soft loss a search differentiates is weighted like its own exact objective: gcg's token_grad and soft's
+    soft_loss_and_grad get the search's negative_weight (0.25), not the engine's default (0.5)."""
+    class Recording(ToyEngine):
+        def token_grad(self, ids, images=None, negative_weight=None):
+            self.asked.append(("token_grad", negative_weight))
+            return super().token_grad(ids, images, negative_weight)
 
         def soft_loss_and_grad(self, embeds, images=None, negative_weight=None):
-            self.calls.append(negative_weight)
-            self.evals += 3 * self.n_images
+            self.asked.append(("soft_loss_and_grad", negative_weight))
+            return super().soft_loss_and_grad(embeds, images, negative_weight)
 
-            def loss(x):
-                return toy._soft_loss(x, self._proj, self._z_target, self._z_every, self._gt, self._xi,
-                                      self._gain, self._is_neg, self._all, self._weight(negative_weight))
-
-            value, grad = jax.value_and_grad(loss)(embeds)
-            return float(value), grad
-
-    e = WithValueAndGrad(vocab_size=500, seed=0, n_negative=2)
-    r = run_search("soft", e, config_for("soft", budget=300, negative_weight=0.25))
-    assert e.calls and set(e.calls) == {0.25} and e.soft_calls == 0  # soft_loss itself was never run
-    assert r.evals_used == e.evals <= 300 and r.best
+    e = Recording(vocab_size=500, seed=0, n_negative=2)
+    e.asked = []
+    for method in ("gcg", "soft"):
+        r = run_search(method, e, config_for(method, budget=300, negative_weight=0.25))
+        assert r.best
+    assert {name for name, _ in e.asked} == {"token_grad", "soft_loss_and_grad"}
+    assert {w for _, w in e.asked} == {0.25}
+    # and the weight matters: with negatives present the loss differs from the engine's default weighting
+    x = e.embedding_table[e.everything_ids]
+    assert e.soft_loss_and_grad(x, negative_weight=0.25)[0] != pytest.approx(e.soft_loss_and_grad(x)[0], abs=1e-3)
 
 
 def test_gcg_patience_restarts_and_resumes_exactly():

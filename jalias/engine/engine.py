@@ -26,10 +26,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ..model import layers
 from ..model.preprocess import load_image, preprocess
 from ..model.sam3 import Sam3
-from ..tokenizer import CONTEXT_LENGTH, tokenize
+from ..tokenizer import CONTEXT_LENGTH, END_ID, START_ID, tokenize
 from . import scoring
 
-GRAD_COST = 3  # a value-and-grad call is counted as 3 forward evaluations per image
+GRAD_COST = 3  # a value-and-grad call costs about 3 forward evaluations per image (what a search is charged)
 
 
 def enable_compilation_cache(path: str | None = None) -> str:
@@ -62,6 +62,8 @@ class Engine:
 
     vocab_size: int
     max_length: int = CONTEXT_LENGTH - 2
+    special_ids: tuple[int, ...] = (START_ID, END_ID)  # never proposed: CLIP's start / end (= padding) ids
+    grad_cost: int = GRAD_COST
 
     def __init__(self, model: Sam3, images: Sequence, gt_masks: Sequence, negative: Sequence[bool] | None = None,
                  chunk_size: int | None = None, prefix_cache: bool = True, cache_dir: str | None = None,
@@ -320,7 +322,7 @@ class Engine:
         loss, grad = self._jit_soft(jnp.asarray(embeds, jnp.float32), self.model.params, self._weights(images), nw,
                                     self._soft)
         k = self.n_images if images is None else len(images)
-        self.evals += GRAD_COST * k
+        self.evals += self.grad_cost * k
         return float(loss), grad
 
     def token_grad(self, ids, images=None, negative_weight: float | None = None) -> np.ndarray:

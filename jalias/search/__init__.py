@@ -1,4 +1,5 @@
-"""Alias search methods behind one interface (see base.py); one file per method.
+"""Alias search methods behind one interface (base.py); one file per method, sharing budget.py, vocab.py and
+searchrun.py.
 
     from jalias.search import run_search, SearchConfig
     result = run_search("gcg", engine, SearchConfig(budget=50_000, seed=0))
@@ -10,8 +11,6 @@ from typing import Any, Callable, Optional
 
 from jalias.search import evolution, gcg, local, soft
 from jalias.search.base import (
-    GRAD_COST,
-    Budget,
     Candidate,
     HalvingConfig,
     ScoringEngine,
@@ -20,6 +19,7 @@ from jalias.search.base import (
     objective,
     train_iou,
 )
+from jalias.search.budget import Budget
 from jalias.search.evolution import EvolutionConfig
 from jalias.search.gcg import GCGConfig
 from jalias.search.local import LocalConfig
@@ -56,6 +56,6 @@ def run_search(method: str, engine: ScoringEngine, config: Any = None, *,
 
 
 __all__ = [
-    "GRAD_COST", "Budget", "Candidate", "EvolutionConfig", "GCGConfig", "HalvingConfig", "LocalConfig", "METHODS",
+    "Budget", "Candidate", "EvolutionConfig", "GCGConfig", "HalvingConfig", "LocalConfig", "METHODS",
     "Method", "ScoringEngine", "SearchConfig", "SearchResult", "SoftConfig", "objective", "run_search", "train_iou",
 ]

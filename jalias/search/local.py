@@ -11,16 +11,9 @@ from typing import Optional
 
 import numpy as np
 
-from jalias.search.base import (
-    Checkpoint,
-    ScoringEngine,
-    SearchConfig,
-    SearchResult,
-    SearchRun,
-    coerce_config,
-    initial_ids,
-    random_ids,
-)
+from jalias.search.base import Checkpoint, ScoringEngine, SearchConfig, SearchResult, coerce_config
+from jalias.search.searchrun import SearchRun
+from jalias.search.vocab import initial_ids, random_ids
 
 
 @dataclass

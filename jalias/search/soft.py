@@ -8,23 +8,16 @@ Adam, to the continuous x (the PEZ trick). The result is the best projected sequ
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jalias.search.base import (
-    Checkpoint,
-    ScoringEngine,
-    SearchConfig,
-    SearchResult,
-    SearchRun,
-    coerce_config,
-    initial_ids,
-    negative_weight_kwargs,
-)
+from jalias.search.base import Checkpoint, ScoringEngine, SearchConfig, SearchResult, coerce_config
+from jalias.search.searchrun import SearchRun
+from jalias.search.vocab import initial_ids
 
 
 @dataclass
@@ -65,18 +58,6 @@ def nearest_tokens(x: jax.Array, keys: jax.Array, bias: jax.Array) -> jax.Array:
     return jnp.argmax(x @ keys.T + bias, axis=-1).astype(jnp.int32)
 
 
-def soft_grad_fn(engine: ScoringEngine, negative_weight: float) -> Callable[[jax.Array], jax.Array]:
-    """embeds float32[L, D] -> gradient float32[L, D] of the engine's soft loss (all images).
-
-    Uses the engine's own jitted `soft_loss_and_grad(embeds, ...) -> (loss, grad)` when it has one (the real
-    engine: its parameters stay jit arguments there), else jits jax.grad of `soft_loss`.
-    """
-    if hasattr(engine, "soft_loss_and_grad"):
-        kw = negative_weight_kwargs(engine.soft_loss_and_grad, negative_weight)
-        return lambda embeds: engine.soft_loss_and_grad(embeds, None, **kw)[1]
-    kw = negative_weight_kwargs(engine.soft_loss, negative_weight)
-    return jax.jit(jax.grad(lambda embeds: engine.soft_loss(embeds, None, **kw)))
-
 
 def encode_tree(tree: Any) -> list[dict]:
     """JSON-serialisable leaves of a pytree of arrays (exact for float32/int32)."""
@@ -106,7 +87,6 @@ def run(engine: ScoringEngine, config: Optional[SoftConfig] = None, *,
     else:
         opt = optax.adam(config.lr * scale)
 
-    soft_grad = soft_grad_fn(engine, config.negative_weight)
 
     @jax.jit
     def adam_step(x, opt_state, grad):
@@ -138,7 +118,8 @@ def run(engine: ScoringEngine, config: Optional[SoftConfig] = None, *,
         # 2. gradient at the projected embeddings, applied to the continuous ones
         if not budget.charge_grad():
             return sr.result("budget")
-        grad = soft_grad(embeddings[jnp.asarray(ids)])
+        _, grad = engine.soft_loss_and_grad(embeddings[jnp.asarray(ids)], None,
+                                            negative_weight=config.negative_weight)
         x, opt_state = adam_step(x, opt_state, grad)
 
         st.update(x=encode_tree(x), opt_state=encode_tree(opt_state), step=st["step"] + 1)

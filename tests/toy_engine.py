@@ -1,4 +1,4 @@
-"""A toy scoring engine for tests and quick benchmarks of the search methods (no SAM3 involved).
+"""A toy scoring engine: the test fixture for the search methods (no SAM3 involved).
 
 It implements the ScoringEngine protocol of jalias/search/base.py with a hidden target sequence:
 
@@ -12,8 +12,8 @@ It implements the ScoringEngine protocol of jalias/search/base.py with a hidden 
 - A second hidden sequence (`everything_ids`) lights up every pixel of every image, including the negative
   images (GT empty), so "segment everything" is penalised only when negatives are present.
 
-soft_loss / token_grad use the same logits through a sigmoid (soft masks, soft IoU), so their gradient points
-towards the target. All arrays are small (default V = 2,000, D = 64, 16x16 masks), everything is jitted once per
+soft_loss_and_grad / token_grad use the same logits through a sigmoid (soft masks, soft IoU), so their gradient
+points towards the target. All arrays are small (default V = 2,000, D = 64, 16x16 masks), everything is jitted once per
 shape and the jitted functions are shared by all instances of the same size.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-GRAD_COST = 3
+from jalias.engine import GRAD_COST  # the real engine's price of a gradient, so both charge alike
 
 _S_NOISE_FLOOR = 0.05  # q(s) = gain * s - floor: random tokens (s ~ 0 +- 0.2) get IoU close to 0
 _EVERYTHING_MID, _EVERYTHING_TEMP = 0.6, 0.08
@@ -83,6 +83,9 @@ def _soft_loss(embeds, proj, z_target, z_every, gt, xi, gain, is_negative, selec
     return 1.0 - (jnp.sum(pos) / n_pos - negative_weight * jnp.sum(neg) / n_neg)
 
 
+_soft_value_and_grad = jax.jit(jax.value_and_grad(_soft_loss))
+
+
 @jax.jit
 def _token_grad(ids, table, proj, z_target, z_every, gt, xi, gain, is_negative, selected, negative_weight):
     """float32[L, V] gradient of the soft loss w.r.t. the one-hot encoding of ids int32[L]."""
@@ -99,11 +102,11 @@ class ToyEngine:
     """Synthetic engine with a hidden target; see the module docstring.
 
     Counters: `evals` (candidate-image evaluations charged so far, by the engine's own bookkeeping: N*k per
-    score, GRAD_COST*k per token_grad and per executed soft_loss), `score_calls`, `grad_calls`, `soft_calls`,
+    score, grad_cost*k per token_grad and per soft_loss_and_grad), `score_calls`, `grad_calls`, `soft_calls`,
     and `seen_ids` (every candidate row ever scored, when record=True).
     """
 
-    GRAD_COST = GRAD_COST
+    grad_cost = GRAD_COST
 
     def __init__(
         self,
@@ -207,7 +210,7 @@ class ToyEngine:
         images (default all); negative_weight overrides the engine's."""
         ids = np.asarray(ids, dtype=np.int32).reshape(-1)
         images = self._images(images)
-        self.evals += GRAD_COST * images.size
+        self.evals += self.grad_cost * images.size
         self.grad_calls += 1
         selected = np.zeros(self.n_images, bool)
         selected[images] = True
@@ -215,21 +218,17 @@ class ToyEngine:
                         self._xi, self._gain, self._is_neg, jnp.asarray(selected), self._weight(negative_weight))
         return np.asarray(g)
 
-    def _count_soft(self, k):
-        self.evals += GRAD_COST * int(k)
-        self.soft_calls += 1
-
     def _weight(self, negative_weight):
         return self._neg_w if negative_weight is None else jnp.float32(negative_weight)
 
-    def soft_loss(self, embeds, images=None, negative_weight=None):
-        """Scalar soft loss of continuous embeddings float32[L, D] on all images (images must be None);
-        negative_weight overrides the engine's.
-
-        Each execution (also inside jit / value_and_grad) adds GRAD_COST*K to `evals` through a debug callback.
-        """
+    def soft_loss_and_grad(self, embeds, images=None, negative_weight=None):
+        """(soft loss, gradient float32[L, D]) of continuous embeddings float32[L, D] on all images (images must
+        be None); negative_weight overrides the engine's."""
         if images is not None:
-            raise ValueError("ToyEngine.soft_loss supports images=None only")
-        jax.debug.callback(self._count_soft, self.n_images)
-        return _soft_loss(embeds, self._proj, self._z_target, self._z_every, self._gt, self._xi,
-                          self._gain, self._is_neg, self._all, self._weight(negative_weight))
+            raise ValueError("ToyEngine.soft_loss_and_grad supports images=None only")
+        self.evals += self.grad_cost * self.n_images
+        self.soft_calls += 1
+        loss, grad = _soft_value_and_grad(jnp.asarray(embeds, jnp.float32), self._proj, self._z_target,
+                                          self._z_every, self._gt, self._xi, self._gain, self._is_neg, self._all,
+                                          self._weight(negative_weight))
+        return float(loss), grad
