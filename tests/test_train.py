@@ -54,7 +54,7 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 def test_resume_refuses_other_settings(tmp_path):
     train(TINY, out=tmp_path / "a", progress=False, stop_after=1, log=lambda s: None)
-    other = TrainConfig(**{**TINY.to_dict(), "lr": 1e-3})
+    other = TrainConfig(**{**TINY.to_dict(), "lr": TINY.lr * 2})
     with pytest.raises(TrainError, match="lr"):
         train(other, out=tmp_path / "a", resume=True, progress=False, log=lambda s: None)
 
@@ -75,13 +75,13 @@ def test_hungarian_is_optimal_against_brute_force():
 
 
 def test_ood_concepts_never_reach_training_data():
-    held = {(c.shape, c.texture) for c in world.OOD_CONCEPTS}
+    held = {(c.shape, c.colour) for c in world.OOD_CONCEPTS}
     new_shapes = {c.shape for c in world.OOD_CONCEPTS if c.kind == "new-shape"}
     assert held.isdisjoint(world.TRAIN_COMBOS)
     assert new_shapes.isdisjoint(world.TRAIN_SHAPES)
     for i in range(300):  # rendered training scenes hold trained combinations only
         sc = world.training_scene(0, i, 56)
-        assert set(zip(sc.shapes, sc.textures)) <= set(world.TRAIN_COMBOS)
+        assert set(zip(sc.shapes, sc.colours)) <= set(world.TRAIN_COMBOS)
     # no training prompt and no random negative uses a token of an OOD label that is not a trained word
     trained = {t for p in world.training_phrases() for t in encode(world.phrase_text(p))}
     ood_only = {t for c in world.OOD_CONCEPTS for t in encode(c.label)} - trained

@@ -277,9 +277,10 @@ def _draw_object(
 
 
 def draw_shape(rng: np.random.Generator, img: np.ndarray, concept: str, shape_fn: Callable, texture_fn: Callable,
-               cx: float, cy: float, radius: float) -> Instance:
+               cx: float, cy: float, radius: float, colour: np.ndarray | None = None) -> Instance:
     """Paint one ``shape_fn`` object with ``texture_fn`` at (cx, cy), radius in pixels, into ``img`` (uint8[H, W, 3],
-    in place); return its Instance (tagged ``concept``)."""
+    in place); return its Instance (tagged ``concept``). colour: RGB float[3] of a one-colour object (jittered by
+    +-20 per channel); default a random pair far enough apart for the texture to show."""
     h, w = img.shape[:2]
     outer, holes = shape_fn(rng)
     rot = rng.uniform(0, 2 * np.pi)
@@ -298,7 +299,10 @@ def draw_shape(rng: np.random.Generator, img: np.ndarray, concept: str, shape_fn
     dx, dy = (xx + 0.5 - cx) / radius, (yy + 0.5 - cy) / radius
     u, v = c * dx + s * dy, -s * dx + c * dy
     pattern = texture_fn(u, v, rng)
-    ca, cb = _colour_pair(rng)
+    if colour is None:
+        ca, cb = _colour_pair(rng)
+    else:
+        ca = cb = np.clip(np.asarray(colour, np.float64) + rng.uniform(-20, 20, 3), 0, 255)
     shade = 0.85 + 0.3 * rng.random()  # mild brightness change per object
     painted = np.where(pattern[..., None], ca, cb) * shade
     img[mask] = np.clip(painted[mask], 0, 255).astype(np.uint8)

@@ -1,7 +1,7 @@
 """Training batches: a pool of rendered training scenes, and (image, prompt) pairs with their instance targets.
 
 A batch holds B images and P prompts per image (B*P pairs). About half the prompts name something in the image
-(a "<texture> <shape>" combination, a shape or a texture present); the rest name something absent, or are 1-4
+(a "<colour> <shape>" combination, a shape or a colour present); the rest name something absent, or are 1-4
 random tokens, and train presence to 0. Targets are the referred instances: masks area-resized to the mask head's
 resolution, boxes xyxy in [0, 1].
 """
@@ -24,7 +24,7 @@ MAX_TARGETS = 4  # training scenes hold at most 4 objects
 
 @dataclass
 class Pool:
-    """Rendered training scenes: pixel_values float32[N, 3, S, S]; per scene its shapes/textures and
+    """Rendered training scenes: pixel_values float32[N, 3, S, S]; per scene its shapes/colours and
     masks float32[n_i, m, m] (area-resized), boxes float32[n_i, 4]."""
 
     pixels: np.ndarray
@@ -73,10 +73,10 @@ def reserved_tokens() -> np.ndarray:
 
 
 def _present_phrases(scene: world.Scene) -> list[list]:
-    combos = sorted({(t, s) for s, t in zip(scene.shapes, scene.textures)})
+    combos = sorted({(t, s) for s, t in zip(scene.shapes, scene.colours)})
     shapes = sorted({(None, s) for s in scene.shapes})
-    textures = sorted({(t, None) for t in scene.textures})
-    return [combos, shapes, textures]
+    colours = sorted({(t, None) for t in scene.colours})
+    return [combos, shapes, colours]
 
 
 def _absent_phrase(rng: np.random.Generator, scene: world.Scene) -> tuple:
@@ -88,7 +88,7 @@ def _absent_phrase(rng: np.random.Generator, scene: world.Scene) -> tuple:
         elif kind == 1:
             p = (None, world.TRAIN_SHAPES[int(rng.integers(len(world.TRAIN_SHAPES)))])
         else:
-            p = (world.TRAIN_TEXTURES[int(rng.integers(len(world.TRAIN_TEXTURES)))], None)
+            p = (world.COLOUR_NAMES[int(rng.integers(len(world.COLOUR_NAMES)))], None)
         if not world.phrase_targets(scene, p):
             return p
 

@@ -40,7 +40,7 @@ class TrainConfig:
     images_per_step: int = 8
     prompts_per_image: int = 4  # half positive phrases, half absent phrases / random tokens
     pool_size: int = 12_000  # training images rendered once (training_scene(seed, 0..pool_size-1))
-    lr: float = 5e-4
+    lr: float = 1e-3
     warmup: int = 300
     final_lr_fraction: float = 0.1  # cosine decay to lr * this
     weight_decay: float = 1e-4  # not on the token table: words never seen keep their initial embeddings
@@ -52,6 +52,7 @@ class TrainConfig:
     w_mask_bce: float = 5.0
     w_dice: float = 2.0
     w_box: float = 2.0
+    w_semantic: float = 5.0
     checkpoint_every_s: float = 180.0
 
     def to_dict(self) -> dict:

@@ -69,7 +69,7 @@ def make_step(cfg, train: TrainConfig, opt: optax.GradientTransformation) -> Cal
         image = run("encode_image", batch["pixel_values"])
         image = jax.tree_util.tree_map(lambda x: jnp.repeat(x, p, axis=0), image)
         prompt, _ = run("encode_text", run("embed_tokens", batch["input_ids"]), batch["attention_mask"])
-        out = run("detect", image, prompt, batch["attention_mask"], fast=True)
+        out = run("detect", image, prompt, batch["attention_mask"])
         return set_loss(out, batch, train)
 
     @jax.jit

@@ -1,11 +1,13 @@
 """DETR set loss for SAM3's text-prompted detections: Hungarian matching, then per-query class BCE, presence BCE,
-mask BCE + dice and box L1 on the matched queries.
+mask BCE + dice and box L1 on the matched queries, and a dense BCE of SAM3's semantic-segmentation head against
+the union of the referred instances.
 
 Why this loss: SAM3's prediction keeps the queries whose sigmoid(score) x sigmoid(presence) passes 0.5 and takes
 the union of their masks, so each referred instance should own one confident query (class target 1 after
 matching, 0 for the rest), presence should say whether the phrase is in the image at all (0 for absent phrases and
 random tokens), and a matched query's mask should be its instance. Plain BCE (not focal) keeps the scores
-calibrated around the 0.5 threshold the prediction rule uses.
+calibrated around the 0.5 threshold the prediction rule uses. The semantic term gives every pixel a grounding
+signal (is this pixel part of what the phrase names?), which the sparse matched-query terms alone learn slowly.
 
 Matching runs on the host (`scipy.optimize.linear_sum_assignment`) through `jax.pure_callback` on a
 stop-gradient cost, so the whole step stays one jitted function.
@@ -89,6 +91,9 @@ def set_loss(out: dict, batch: dict, w: TrainConfig) -> tuple[jax.Array, dict]:
     dice = (dice * validf).sum() / n_targets
     boxes = jnp.take_along_axis(out["pred_boxes"], idx[:, :, None], axis=1)
     box = (jnp.abs(boxes - tbox).sum(-1) * validf).sum() / n_targets
-    parts = {"class": cls, "presence": presence, "mask_bce": mb, "dice": dice, "box": box}
-    total = (w.w_class * cls + w.w_presence * presence + w.w_mask_bce * mb + w.w_dice * dice + w.w_box * box)
+    union = jnp.max(tmask * validf[..., None, None], axis=1)  # [N, m, m]: every referred instance
+    semantic = _bce(out["semantic_seg"][:, 0].astype(jnp.float32), union).mean()
+    parts = {"class": cls, "presence": presence, "mask_bce": mb, "dice": dice, "box": box, "semantic": semantic}
+    total = (w.w_class * cls + w.w_presence * presence + w.w_mask_bce * mb + w.w_dice * dice + w.w_box * box
+             + w.w_semantic * semantic)
     return total, parts
