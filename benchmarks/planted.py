@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from jalias.data.planted import KINDS, make_planted  # noqa: E402
 from jalias.engine import Engine  # noqa: E402
 from jalias.search import METHODS, HalvingConfig, run_search  # noqa: E402
+from jalias.search.defaults import MEASURED  # noqa: E402
 from jalias.tokenizer import detokenize  # noqa: E402
 
 THRESHOLD = 0.9
@@ -67,17 +68,22 @@ N_RANDOM = 64  # random sequences per problem for the random baseline
 # ("." = not run). "evolution-original" is the original research code's setting (population 50, no halving), kept
 # as a third baseline.
 # Halving: score on 1 or 2 images first and pass the best 1/eta on to all 8 images.
-HALVING2 = dict(mode="on", min_images=2, eta=2.0)
-HALVING4 = dict(mode="on", min_images=2, eta=4.0)
 HALVING8 = dict(mode="on", min_images=1, eta=8.0)
-SETTINGS = {  # name -> (search method, its settings)
-    "evolution": ("evolution", dict(population=32, generations=None, halving=HALVING4)),
+SETTINGS = {  # name -> (search method, its settings); the methods' own rows ARE the defaults users get
+    "evolution": ("evolution", MEASURED["evolution"]),
     "evolution-1img": ("evolution", dict(population=32, generations=None, halving=HALVING8)),
     "evolution-original": ("evolution", dict(population=50, generations=None)),
-    "local": ("local", dict(n_candidates=64, halving=HALVING2)),
-    "gcg": ("gcg", dict(search_width=64, topk=64, patience=20, halving=HALVING8)),
-    "soft": ("soft", dict()),
+    "local": ("local", MEASURED["local"]),
+    "gcg": ("gcg", MEASURED["gcg"]),
+    "soft": ("soft", MEASURED["soft"]),
 }
+
+
+
+def plain_settings(settings: dict) -> dict:
+    """SETTINGS as plain JSON types (the measured rows are read-only mappings)."""
+    return {k: [m, json.loads(json.dumps(dict(v)))] for k, (m, v) in settings.items()}
+
 
 PRESETS = {
     "quick": dict(problems=[10, 11], seeds=[0], budgets=[1000, 2500, 5000, 10000, 25000]),
@@ -333,7 +339,7 @@ def main(argv=None) -> dict:
     total = time.perf_counter() - t0
     print(f"plot: {png}  total time {total:.0f}s")
     result = {**summary["methods"], "baselines": summary["baselines"], "target": summary["target"],
-              "settings": {"methods": SETTINGS, "problems": problems_ids, "seeds": seeds, "budgets": budgets,
+              "settings": {"methods": plain_settings(SETTINGS), "problems": problems_ids, "seeds": seeds, "budgets": budgets,
                            "threshold": THRESHOLD, "kind": args.kind, "total_s": total, "devices": _devices(),
                            "run": run_key(args.methods, seeds, budgets, args.kind),
                            "merged_from": [str(f) for f in args.merge or []]},
@@ -364,7 +370,7 @@ def merge_runs(files: list[list[dict]]) -> list[dict]:
 
 def run_key(methods: list[str], seeds: list[int], budgets: list[int], kind: str) -> str:
     """What makes stored per-problem results reusable by --resume."""
-    return json.dumps({"methods": {m: SETTINGS[m] for m in methods}, "seeds": seeds, "budget": max(budgets),
+    return json.dumps({"methods": plain_settings({m: SETTINGS[m] for m in methods}), "seeds": seeds, "budget": max(budgets),
                        "kind": kind}, sort_keys=True)
 
 

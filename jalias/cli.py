@@ -23,6 +23,23 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 METHOD_HELP = "search method: gcg | soft | local | evolution"
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"jalias {version('jalias')}")
+        except PackageNotFoundError:
+            typer.echo("jalias (not installed: run pip install -e .)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(_version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                        help="print the installed version and exit")) -> None:
+    """Search SAM3 prompt-token aliases that segment out-of-distribution objects better than their natural label."""
+
+
 def _fail(msg: str, code: int = 1):
     typer.echo(f"error: {' '.join(str(msg).split())}", err=True)
     raise typer.Exit(code)

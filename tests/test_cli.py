@@ -333,6 +333,15 @@ def test_error_bad_option(coco, tmp_path):
     line = error_line(invoke("search", "--weights", "tiny", "--annotations", ann, "--images", images,
                              "--out", tmp_path / "run", "--method", "gcg", "--set", "n_candidates=4"))
     assert "unknown option 'n_candidates' for method gcg" in line
+    line = error_line(invoke("search", "--weights", "tiny", "--annotations", ann, "--images", images,
+                             "--out", tmp_path / "run3", "--method", "gcg", "--set", "search_width=abc"))
+    assert line == "error: option search_width expects int, got 'abc'"
+
+
+def test_version():
+    from importlib.metadata import version
+
+    assert ok(invoke("--version")).stdout.strip() == f"jalias {version('jalias')}"
 
 
 # ---- eval -------------------------------------------------------------------------------------------------------

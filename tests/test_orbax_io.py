@@ -192,3 +192,18 @@ def test_load_errors(tmp_path):
     (dst / "params").mkdir()
     with pytest.raises(ValueError, match="cannot restore Orbax params"):
         load(dst)
+
+
+@pytest.mark.parametrize("form", ["relative", "home", "absolute"])
+def test_relative_home_and_absolute_paths(tmp_path, monkeypatch, form):
+    """Orbax needs absolute paths; save/load accept what a user types (README: jalias.load("weights/tiny"))."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = {"relative": "ckpts/a", "home": "~/ckpts/a", "absolute": str(tmp_path / "ckpts" / "a")}[form]
+    params = make_params(3)
+    (tmp_path / "ckpts").mkdir()
+    save(path, params, CONFIG)
+    assert (tmp_path / "ckpts" / "a" / "params").is_dir()
+    got, config, _ = load(path, verify=True)
+    assert_same_tree(params, got)
+    assert load_meta(path)["fingerprint"] == fingerprint(params)

@@ -259,8 +259,8 @@ def test_config_errors_are_clear():
     with pytest.raises(ValueError, match="expected EvolutionConfig"):
         run_search("evolution", engine(), LocalConfig())
     # a plain SearchConfig carries the common fields into any method's config
-    cfg = coerce_config(SearchConfig(budget=123, seed=4), EvolutionConfig)
-    assert isinstance(cfg, EvolutionConfig) and cfg.budget == 123 and cfg.seed == 4 and cfg.population == 50
+    cfg = coerce_config(SearchConfig(budget=123, seed=4), EvolutionConfig, "evolution")
+    assert isinstance(cfg, EvolutionConfig) and cfg.budget == 123 and cfg.seed == 4 and cfg.population == 32
 
 
 # --- pure helpers -----------------------------------------------------------------------------------------------

@@ -16,9 +16,6 @@ from .rundir import RunDir, RunSettings, slugify
 from .splits import load_split
 
 DEMO_CONCEPTS = ("striped_blob", "checkered_star", "dotted_ring")
-# Small per-step batches so that a demo budget buys several steps of every method.
-DEMO_OPTIONS = {"gcg": {"search_width": 64, "topk": 64}, "local": {"n_candidates": 64},
-                "evolution": {"population": 16}, "soft": {}}
 
 
 def search_dataset(weights: str, annotations: str | os.PathLike, images: str | os.PathLike,
@@ -99,7 +96,7 @@ def demo(out: str | os.PathLike = "runs/demo", budget: int = 1000, method: str =
 
     Writes the synthetic dataset (`images_per_concept` images of image_size^2 per concept) to `out`/data in COCO
     format and runs `search_dataset` on it: each search starts from the label (init="label") and proposes only
-    ASCII word pieces, with the small per-step batches of DEMO_OPTIONS. A previous demo in `out` is replaced
+    ASCII word pieces, with each method's measured settings (search/defaults.py). A previous demo in `out` is replaced
     unless resume=True. note(msg) receives one-line remarks (e.g. that the tiny model was built in memory).
     """
     from ..data import make_dataset, write_coco
@@ -114,7 +111,7 @@ def demo(out: str | os.PathLike = "runs/demo", budget: int = 1000, method: str =
     model, msg = load_model("tiny")
     if msg and note is not None:
         note(msg)
-    opts = {**DEMO_OPTIONS.get(method, {}), "ascii_only": True, **(options or {})}
+    opts = {"ascii_only": True, **(options or {})}  # on top of the method's measured settings
     return search_dataset("tiny", ann, data_dir / "images", categories=list(concepts), method=method, budget=budget,
                           length=length, max_images=images_per_concept, heldout=heldout, negatives=negatives,
                           seed=seed, out=out, resume=resume, overwrite=False, chunk_size=chunk_size, init=init,

@@ -159,20 +159,28 @@ class SearchConfig:
         return cls(**d)
 
 
-def coerce_config(config: Any, cls: type) -> SearchConfig:
+def coerce_config(config: Any, cls: type, method: str) -> SearchConfig:
     """A `cls` instance from None, a dict, an instance of cls, or a plain SearchConfig (its common fields).
 
-    A config of another method's class is refused, so that its settings are not silently ignored.
+    None, a dict and a plain SearchConfig start from `method`'s measured settings (search/defaults.py); a dict's
+    fields override them. An instance of cls is used as it is. A config of another method's class is refused, so
+    that its settings are not silently ignored.
     """
+    from .defaults import measured
+
     if config is None:
-        return cls()
+        return cls.from_dict(measured(method))
     if isinstance(config, dict):
-        return cls.from_dict(config)
+        return cls.from_dict({**measured(method), **config})
     if isinstance(config, cls):
         return config
     if type(config) is SearchConfig:
         common = {f.name: getattr(config, f.name) for f in dataclasses.fields(SearchConfig)}
-        return cls(**common)
+        rows = measured(method)
+        own = {k: v for k, v in rows.items() if k not in common}
+        if "halving" in rows and config.halving == HalvingConfig():  # halving left at its default: measured one
+            common["halving"] = rows["halving"]
+        return cls(**{**common, **own})
     raise ValueError(f"expected {cls.__name__} or SearchConfig, got {type(config).__name__}")
 
 

@@ -96,7 +96,7 @@ def initial_population(config: EvolutionConfig, allowed: np.ndarray, mutation_ra
 def run(engine: ScoringEngine, config: Optional[EvolutionConfig] = None, *,
         on_checkpoint: Optional[Checkpoint] = None, resume_state: Optional[dict] = None) -> SearchResult:
     """Evolutionary search on `engine` within config.budget candidate-image evaluations."""
-    config = coerce_config(config, EvolutionConfig)
+    config = coerce_config(config, EvolutionConfig, "evolution")
     sr = SearchRun("evolution", engine, config, on_checkpoint, resume_state)
     budget, rng, allowed = sr.budget, sr.rng, sr.allowed
     mutation_rate = 1.0 / config.length if config.mutation_rate is None else config.mutation_rate

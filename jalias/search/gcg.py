@@ -74,7 +74,7 @@ def unique_rows(cands: np.ndarray, exclude: np.ndarray) -> np.ndarray:
 def run(engine: ScoringEngine, config: Optional[GCGConfig] = None, *,
         on_checkpoint: Optional[Checkpoint] = None, resume_state: Optional[dict] = None) -> SearchResult:
     """GCG on `engine` within config.budget candidate-image evaluations."""
-    config = coerce_config(config, GCGConfig)
+    config = coerce_config(config, GCGConfig, "gcg")
     sr = SearchRun("gcg", engine, config, on_checkpoint, resume_state)
     budget, rng = sr.budget, sr.rng
 

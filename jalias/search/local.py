@@ -46,7 +46,7 @@ def position_candidates(ids: np.ndarray, pos: int, allowed: np.ndarray, n: int,
 def run(engine: ScoringEngine, config: Optional[LocalConfig] = None, *,
         on_checkpoint: Optional[Checkpoint] = None, resume_state: Optional[dict] = None) -> SearchResult:
     """Greedy coordinate search on `engine` within config.budget candidate-image evaluations."""
-    config = coerce_config(config, LocalConfig)
+    config = coerce_config(config, LocalConfig, "local")
     sr = SearchRun("local", engine, config, on_checkpoint, resume_state)
     budget, rng, allowed = sr.budget, sr.rng, sr.allowed
     length = config.length

@@ -74,7 +74,7 @@ def decode_tree(leaves: list[dict], like: Any) -> Any:
 def run(engine: ScoringEngine, config: Optional[SoftConfig] = None, *,
         on_checkpoint: Optional[Checkpoint] = None, resume_state: Optional[dict] = None) -> SearchResult:
     """PEZ-style search on `engine` within config.budget candidate-image evaluations."""
-    config = coerce_config(config, SoftConfig)
+    config = coerce_config(config, SoftConfig, "soft")
     sr = SearchRun("soft", engine, config, on_checkpoint, resume_state)
     budget, rng, allowed = sr.budget, sr.rng, sr.allowed
 

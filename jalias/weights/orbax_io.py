@@ -107,7 +107,7 @@ def save(
     Refuses an existing ``dst`` unless overwrite=True (then it is replaced only after the new
     checkpoint is complete). Returns the metadata written to ``dst/jalias.json``.
     """
-    dst = Path(dst).absolute()
+    dst = resolve(dst)
     if not isinstance(config, dict):
         raise ValueError(f"config must be a dict, got {type(config).__name__}")
     try:
@@ -160,6 +160,11 @@ def save(
     return meta
 
 
+def resolve(path: str | os.PathLike) -> Path:
+    """An absolute path with ~ expanded: Orbax needs absolute paths, users type relative ones and ~."""
+    return Path(os.path.expanduser(os.fspath(path))).absolute()
+
+
 def _read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} missing: not a complete jalias checkpoint")
@@ -174,7 +179,7 @@ def _read_json(path: Path, what: str) -> dict:
 
 def load_meta(dst: str | Path) -> dict:
     """Just ``dst/jalias.json`` (validated), without reading any arrays."""
-    dst = Path(dst)
+    dst = resolve(dst)
     if not dst.is_dir():
         raise FileNotFoundError(f"no jalias checkpoint at {dst}")
     meta = _read_json(dst / "jalias.json", "checkpoint metadata")
@@ -197,7 +202,7 @@ def load(dst: str | Path, verify: bool = False) -> tuple[dict, dict, dict]:
     """
     import orbax.checkpoint as ocp
 
-    dst = Path(dst)
+    dst = resolve(dst)
     meta = load_meta(dst)
     config = _read_json(dst / "config.json", "model config")
     params_dir = dst / "params"

@@ -1,0 +1,90 @@
+"""One table of measured search settings: the CLI, the Python API, the demo and the benchmark all read it."""
+
+import dataclasses
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from jalias.run.rundir import RunSettings
+from jalias.search import METHODS, GCGConfig, SearchConfig
+from jalias.search.base import coerce_config
+from jalias.search.defaults import MEASURED, measured
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _planted():
+    spec = importlib.util.spec_from_file_location("planted_bench", ROOT / "benchmarks" / "planted.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["planted_bench"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _settings(**kw) -> RunSettings:
+    return RunSettings(weights="w", annotations="a.json", images="img", **kw)
+
+
+def _fields(cfg) -> dict:
+    return {k: v for k, v in dataclasses.asdict(cfg).items()}
+
+
+def test_benchmark_rows_are_the_measured_table():
+    planted = _planted()
+    for name in METHODS:
+        assert planted.SETTINGS[name][0] == name
+        assert planted.SETTINGS[name][1] is MEASURED[name]
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_entry_point_gets_the_measured_settings(method):
+    cls = METHODS[method].config_cls
+    want = cls.from_dict(measured(method))
+    # run_search with no config or a dict of common fields, and the CLI / search_dataset / demo settings object
+    assert _fields(coerce_config(None, cls, method)) == _fields(want)
+    assert _fields(coerce_config(SearchConfig(), cls, method)) == _fields(want)
+    run_cfg = _fields(_settings(method=method, budget=10_000).search_config([]))
+    for key, value in _fields(want).items():
+        assert run_cfg[key] == value, key
+
+
+def test_measured_gcg_is_not_nanogcgs_llm_setting():
+    cfg = coerce_config(None, GCGConfig, "gcg")
+    assert (cfg.search_width, cfg.topk, cfg.patience) == (64, 64, 20)
+    assert (cfg.halving.mode, cfg.halving.min_images, cfg.halving.eta) == ("on", 1, 8.0)
+    assert (GCGConfig().search_width, GCGConfig().topk) == (512, 256)  # the class keeps the un-tuned base values
+
+
+def test_options_override_measured_and_explicit_instances_stay():
+    cfg = coerce_config({"search_width": 16}, GCGConfig, "gcg")
+    assert cfg.search_width == 16 and cfg.topk == 64
+    assert coerce_config(GCGConfig(), GCGConfig, "gcg").search_width == 512
+    run_cfg = _settings(method="gcg", options={"topk": 8}).search_config([])
+    assert (run_cfg.topk, run_cfg.search_width) == (8, 64)
+
+
+def test_table_is_read_only():
+    with pytest.raises(TypeError):
+        MEASURED["gcg"]["topk"] = 1
+    copy = measured("gcg")
+    copy["halving"]["eta"] = 2.0
+    assert MEASURED["gcg"]["halving"]["eta"] == 8.0
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"search_width": "abc"}, "option search_width expects int, got 'abc'"),
+    ({"keep_if_better": 1}, "option keep_if_better expects bool, got 1"),
+    ({"max_steps": 2.5}, "option max_steps expects int or null, got 2.5"),
+    ({"topk": True}, "option topk expects int, got True"),
+])
+def test_option_types_are_checked(options, message):
+    with pytest.raises(ValueError) as e:
+        _settings(method="gcg", options=options).validate()
+    assert str(e.value) == message
+
+
+def test_good_option_types_pass():
+    _settings(method="gcg", options={"search_width": 8, "max_steps": None, "keep_if_better": True}).validate()
+    _settings(method="soft", options={"lr": 1}).validate()
