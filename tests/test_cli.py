@@ -9,6 +9,7 @@ export (.npz + index.json keys and shapes), convert. Searches use tiny budgets; 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -440,3 +441,43 @@ def test_import_is_light_and_help_lists_commands():
     help_text = ok(invoke("--help")).stdout
     for cmd in ("demo", "search", "eval", "export", "convert"):
         assert cmd in help_text
+
+
+def test_reference_run_results_never_lose_to_the_label(reference_run):
+    """Every finished category either reports an alias whose search objective beats the label's, or says that no
+    alias beat it and keeps the label (ids and IoU) as its result."""
+    for f in sorted(reference_run.glob("*.json")):
+        r = json.loads(f.read_text())
+        if r.get("status") != "done":
+            continue
+        if r["alias_beat_label"]:
+            assert r["objective"]["alias"] > r["objective"]["label"]
+            assert r["alias_ids"] == r["best_found"]["ids"]
+        else:
+            assert r["alias_ids"] == r["label_ids"] and r["alias_iou_search"] == r["label_iou_search"]
+
+
+def test_no_alias_beat_the_label(coco, tmp_path, monkeypatch):
+    """A search whose best candidate is the label itself (objective equal, not better) reports no alias."""
+    import jalias.search as search
+    from jalias.tokenizer import encode as enc
+
+    real = search.run_search
+
+    def label_only(method, engine, config, **kw):
+        result = real(method, engine, config, **kw)
+        best = result.best[0]
+        result.best = [dataclasses.replace(best, ids=enc("striped blob"), text="striped blob")]
+        return result
+
+    monkeypatch.setattr(search, "run_search", label_only)
+    ann, images = coco
+    out = tmp_path / "run"
+    res = ok(invoke("search", "--weights", "tiny", "--annotations", ann, "--images", images, "--out", out,
+                    "--categories", "striped_blob", *SEARCH_ARGS))
+    r = json.loads((out / "striped_blob.json").read_text())
+    assert r["alias_beat_label"] is False and r["alias_ids"] == r["label_ids"]
+    assert r["alias_iou_heldout"] == r["label_iou_heldout"]
+    assert "no alias beat the label" in res.stdout
+    assert "no alias beat the label" in (out / "report.html").read_text()
+    assert "no alias beat the label" in (out / "log.txt").read_text()

@@ -11,12 +11,11 @@ from __future__ import annotations
 import numpy as np
 
 from .config import Sam3Config
+from .shapes import param_shapes
 
 
 def random_params(config: Sam3Config, seed: int = 0, gain: float = 1.0, presence_bias: float = 0.0) -> dict:
     """Nested dict of float32 numpy arrays with the Flax param tree of `Sam3Module(config)`."""
-    from ..weights.mapping import param_shapes  # weights/ sits right of model/; imported lazily
-
     params = random_tree(param_shapes(config), seed, gain)
     if presence_bias:
         params["detr_decoder"]["presence_head"]["layer3"]["bias"] += np.float32(presence_bias)
@@ -24,7 +23,7 @@ def random_params(config: Sam3Config, seed: int = 0, gain: float = 1.0, presence
 
 
 def random_tree(shapes: dict[tuple[str, ...], tuple[int, ...]], seed: int = 0, gain: float = 1.0) -> dict:
-    """Fan-in-scaled random params for any module given its {param path: shape} (see weights.mapping)."""
+    """Fan-in-scaled random params for any module given its {param path: shape} (see model.shapes)."""
     rng = np.random.default_rng(seed)
     params: dict = {}
     for path, shape in sorted(shapes.items()):

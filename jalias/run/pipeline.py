@@ -203,8 +203,17 @@ def search_category(model, cd, slug: str, settings: RunSettings, run: RunDir, re
         raise RunError(f"category {cd.name!r}: the budget ({settings.budget}) is too small to score even one "
                        f"candidate on {len(search)} images")
     best = result.best[0]
-    alias_ids = [int(i) for i in best.ids]
-    alias_search = score_one(engine, alias_ids, log, f"scoring the alias of {cd.name}")
+    found_ids = [int(i) for i in best.ids]
+    found_search = score_one(engine, found_ids, log, f"scoring the alias of {cd.name}")
+    obj = lambda iou: float(objective(iou[None], search.is_negative, settings.negative_weight)[0])
+    label_objective, found_objective = obj(label_search), obj(found_search)
+    beat = found_objective > label_objective  # the label is always a candidate: an alias must beat it
+    if beat:
+        alias_ids, alias_text, alias_search = found_ids, best.text, found_search
+    else:
+        alias_ids, alias_text, alias_search = list(label_ids), detokenize(label_ids), label_search
+        log(f"{cd.name}: no alias beat the label (best found {best.text!r}: objective {found_objective:.3f} vs "
+            f"label {label_objective:.3f} on the search images); the label is kept as the result")
     engine_chunk = engine.chunk_size
     parts = [("search", search, engine, label_search, alias_search)]
 
@@ -218,7 +227,7 @@ def search_category(model, cd, slug: str, settings: RunSettings, run: RunDir, re
         del held_engine
     overlay = f"overlays/{slug}.png"
     _overlay(model, run.path / overlay, parts, label_ids, alias_ids, settings.threshold, overlay_rows, cd.label,
-             best.text)
+             alias_text)
     del engine, parts
     gc.collect()
 
@@ -226,14 +235,14 @@ def search_category(model, cd, slug: str, settings: RunSettings, run: RunDir, re
     h = _split_stats(label_held, alias_held, held) if held is not None else {}
     res = clean({
         "status": "done", "category": cd.name, "slug": slug, "label": cd.label, "label_ids": label_ids,
-        "label_text": detokenize(label_ids), "alias_ids": alias_ids, "alias_text": best.text,
+        "label_text": detokenize(label_ids), "alias_ids": alias_ids, "alias_text": alias_text,
+        "alias_beat_label": beat, "best_found": {"ids": found_ids, "text": best.text, "objective": found_objective},
         "label_iou_search": s["label_iou"], "label_iou_heldout": h.get("label_iou"),
         "alias_iou_search": s["alias_iou"], "alias_iou_heldout": h.get("alias_iou"),
         "negatives_empty": {"label_search": s["label_negatives_empty"], "alias_search": s["alias_negatives_empty"],
                             "label_heldout": h.get("label_negatives_empty"),
                             "alias_heldout": h.get("alias_negatives_empty")},
-        "objective": {"label": float(objective(label_search[None], search.is_negative, settings.negative_weight)[0]),
-                      "alias": best.objective},
+        "objective": {"label": label_objective, "alias": max(found_objective, label_objective)},
         "evals": result.evals_used, "budget": settings.budget, "seconds": result.wall_time_s,
         "category_seconds": time.perf_counter() - t0, "method": settings.method, "method_config": result.config,
         "stop_reason": result.stop_reason, "iterations": result.iterations, "chunk_size": engine_chunk,

@@ -70,7 +70,8 @@ def results_table(summary: dict, title: str | None = None):
                     ("alias", {}), ("alias IoU\nsearch / held-out", right), ("evals", right), ("seconds", right)):
         table.add_column(col, **kw)
     for name, r in summary["categories"].items():
+        alias = repr(r["alias_text"]) if r.get("alias_beat_label", True) else "no alias beat the label"
         table.add_row(name, r["label"], f"{fmt(r['label_iou_search'])} / {fmt(r['label_iou_heldout'])}",
-                      repr(r["alias_text"]), f"{fmt(r['alias_iou_search'])} / {fmt(r['alias_iou_heldout'])}",
+                      alias, f"{fmt(r['alias_iou_search'])} / {fmt(r['alias_iou_heldout'])}",
                       str(r["evals"]), f"{r['seconds']:.1f}")
     return table

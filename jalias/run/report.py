@@ -156,8 +156,8 @@ def write_report(run_dir: str | os.PathLike) -> tuple[Path, Path]:
     settings = run.read_run()["settings"]
     results = run.finished_results()
     summary_keys = ("category", "label", "label_ids", "label_iou_search", "label_iou_heldout", "alias_ids",
-                    "alias_text", "alias_iou_search", "alias_iou_heldout", "evals", "seconds", "n_search",
-                    "n_heldout", "overlay", "negatives_empty")
+                    "alias_text", "alias_beat_label", "alias_iou_search", "alias_iou_heldout", "evals", "seconds",
+                    "n_search", "n_heldout", "overlay", "negatives_empty")
     rows = [{k: r.get(k) for k in summary_keys} for r in results]
     curves_png(run.path / "curves.png",
                {r["category"]: {"history": r["history"], "label_iou": r["label_iou_search"]} for r in results})
@@ -206,10 +206,12 @@ def _html(doc: dict, results: list[dict]) -> str:
         better = (r["alias_iou_heldout"] is not None and r["label_iou_heldout"] is not None
                   and r["alias_iou_heldout"] > r["label_iou_heldout"])
         cls = " class='n better'" if better else " class='n'"
+        alias = (f"<code>{e(r['alias_text'])}</code>" if r.get("alias_beat_label", True)
+                 else "<em>no alias beat the label</em>")
         out.append(
             f"<tr><td><a href='#{e(r['category'])}'>{e(r['category'])}</a></td><td>{e(r['label'])}</td>"
             f"<td class='n'>{_f(r['label_iou_search'])}</td><td class='n'>{_f(r['label_iou_heldout'])}</td>"
-            f"<td><code>{e(r['alias_text'])}</code></td><td class='n'>{_f(r['alias_iou_search'])}</td>"
+            f"<td>{alias}</td><td class='n'>{_f(r['alias_iou_search'])}</td>"
             f"<td{cls}>{_f(r['alias_iou_heldout'])}</td><td class='n'>{r['evals']}</td>"
             f"<td class='n'>{r['seconds']:.1f}</td></tr>")
     m = doc["mean"]

@@ -19,8 +19,8 @@ RESULTS_FORMAT = "jalias.results"
 RUN_FORMAT = "jalias.run"
 FORMAT_VERSION = 1
 SUMMARY_KEYS = ("category", "slug", "label", "label_ids", "label_iou_search", "label_iou_heldout", "alias_ids",
-                "alias_text", "alias_iou_search", "alias_iou_heldout", "evals", "seconds", "method",
-                "n_search", "n_heldout")
+                "alias_text", "alias_beat_label", "alias_iou_search", "alias_iou_heldout", "evals", "seconds",
+                "method", "n_search", "n_heldout")
 IOU_KEYS = ("label_iou_search", "label_iou_heldout", "alias_iou_search", "alias_iou_heldout")
 
 

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from ..model.config import Sam3Config
-from ..model.sam3 import Sam3Module
+from ..model.shapes import module_shapes, param_shapes  # noqa: F401 (re-exported)
 
 
 class WeightError(ValueError):
@@ -68,13 +68,6 @@ def to_torch_layout(leaf: str, a: np.ndarray) -> np.ndarray:
     return a
 
 
-def param_shapes(config: Sam3Config) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """Every Flax param path of the whole model -> its shape (abstract init, no memory)."""
-    s, t = config.image_size, config.context_length
-    return module_shapes(Sam3Module(config), np.zeros((1, 3, s, s), np.float32), np.zeros((1, t), np.int32),
-                         np.ones((1, t), np.int32))
-
-
 def _strip_prefix(keys: Iterable[str]) -> str:
     """Checkpoints saved from Sam3VideoModel nest the image model under 'detector_model.'."""
     keys = list(keys)
@@ -118,14 +111,6 @@ def tree_from_state_dict(sd: Mapping[str, Any], shapes: Mapping[tuple[str, ...],
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
         raise WeightError(f"unexpected weight {extra[0]!r}{more}: checkpoint does not match this SAM3 config")
     return params
-
-
-def module_shapes(module, *example_args, method=None) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """Param path -> shape for any Flax module, by abstract init on example inputs (arrays or ShapeDtypeStructs)."""
-    kw = {} if method is None else {"method": method}
-    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *example_args, **kw))
-    flat = jax.tree_util.tree_flatten_with_path(shapes["params"])[0]
-    return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
 
 
 def _torch_shape(leaf: str, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
