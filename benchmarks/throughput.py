@@ -180,14 +180,9 @@ def jax_peak_gib() -> float | None:
 
 
 def flops_of(fn, *args) -> float:
-    """XLA's FLOP count of one call. XLA counts a loop body once, not once per trip, so blocked attention (a
-    lax.map x lax.scan) is switched off while counting: the same math as one straight-line program."""
-    old = layers.BLOCKED_MIN_PAIRS
-    layers.BLOCKED_MIN_PAIRS = 1 << 62
-    try:
-        cost = jax.jit(fn).lower(*args).compile().cost_analysis()
-    finally:
-        layers.BLOCKED_MIN_PAIRS = old
+    """XLA's FLOP count of one call. XLA counts a loop body once, not once per trip, so callers count on a model
+    whose attention is never blocked (a lax.map x lax.scan): the same math as one straight-line program."""
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost.get("flops", float("nan")))
 
@@ -286,10 +281,12 @@ def jalias_stages(model: Sam3, pixel_values, ids, mask, chunk: int, n: int, k: i
     _, t_txt = timed(lambda: block(model.encode_text(bi, bm)), repeats)
     _, t_det = timed(lambda: block(model.detect_fast(ctx, prompt, bm)), repeats)
     chunks = n / b
-    p = model.params
-    f_img = flops_of(lambda p, x: model.apply("encode_image", x, params=p), p, px)
-    f_txt = flops_of(lambda p, i, m: model.apply("text_features", i, m, params=p), p, bi, bm)
-    f_det = flops_of(lambda p, c, q, m: model.apply("detect_fast", c, q, m, params=p), p, ctx, prompt, bm)
+    flat = Sam3(model.config, model.params, model.dtype,
+                layers.AttentionPolicy(model.attention.impl, blocked_min_pairs=1 << 62))  # see flops_of
+    p = flat.params
+    f_img = flops_of(lambda p, x: flat.apply("encode_image", x, params=p), p, px)
+    f_txt = flops_of(lambda p, i, m: flat.apply("text_features", i, m, params=p), p, bi, bm)
+    f_det = flops_of(lambda p, c, q, m: flat.apply("detect_fast", c, q, m, params=p), p, ctx, prompt, bm)
     return {"image_features_s_per_image": t_img, "text_s": t_txt * chunks, "detect_s": t_det * chunks * k,
             "flops_backbone_per_image": f_img, "flops_text_per_candidate": f_txt / b,
             "flops_detect_per_eval": f_det / b, "mean_kept_queries": float(kept.sum(-1).mean()),

@@ -7,7 +7,8 @@ Contract:
     [B, 1, T, S], a bare [T, S]; a row whose keys are all masked (MASK_VALUE) gives what `attend` gives.
   * Gradients w.r.t. q, k, v and a per-query bias equal the plain path's (1e-5); bf16 inputs give bf16 outputs
     within bf16 rounding of the fp32 result; jit and vmap work.
-  * `attend` dispatches to the blocked path exactly when T * S >= BLOCKED_MIN_PAIRS.
+  * `attend` dispatches to the blocked path exactly when T * S >= its policy's blocked_min_pairs; the policy
+    (`AttentionPolicy`, a model argument) reaches every attention of the model.
   * End to end: a tiny-config Engine with every attention forced through small blocks gives the same soft loss
     and gradient (jax.value_and_grad through the blocked path) as the plain engine.
 """
@@ -39,14 +40,12 @@ def _fp32_matmuls():
         yield
 
 
+NEVER_BLOCKED = layers.AttentionPolicy(blocked_min_pairs=1 << 62)
+
+
 def plain(q, k, v, bias=None):
     """`attend` with the blocked path switched off: materialised logits, plain softmax."""
-    old = layers.BLOCKED_MIN_PAIRS
-    layers.BLOCKED_MIN_PAIRS = 1 << 62
-    try:
-        return layers.attend(q, k, v, bias)
-    finally:
-        layers.BLOCKED_MIN_PAIRS = old
+    return layers.attend(q, k, v, bias, NEVER_BLOCKED)
 
 
 def qkv(b, t, s, n, h, seed=0, dtype=jnp.float32):
@@ -154,11 +153,43 @@ def test_attend_dispatch(monkeypatch):
     calls = []
     real = layers.attend_blocked
     monkeypatch.setattr(layers, "attend_blocked", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
-    monkeypatch.setattr(layers, "BLOCKED_MIN_PAIRS", 20 * 30)
+    policy = layers.AttentionPolicy(blocked_min_pairs=20 * 30)
     q, k, v = qkv(1, 20, 30, 1, 4)
-    layers.attend(q, k, v)  # 600 pairs: blocked
-    layers.attend(q[:, :19], k, v)  # 570 pairs: plain
+    layers.attend(q, k, v, None, policy)  # 600 pairs: blocked
+    layers.attend(q[:, :19], k, v, None, policy)  # 570 pairs: plain
     assert calls == [(1, 20, 1, 4)]
+
+
+def test_choose_policy_and_policy_errors():
+    assert layers.choose_policy("gpu", jnp.bfloat16).impl == "cudnn"
+    assert layers.choose_policy("gpu", jnp.float16).impl == "cudnn"
+    assert layers.choose_policy("gpu", jnp.float32).impl == "xla"  # fp32 stays exact
+    assert layers.choose_policy("cpu", jnp.bfloat16).impl == "xla"
+    assert layers.choose_policy("tpu", jnp.bfloat16).impl == "xla"
+    cfg = tiny_config()
+    params = random_params(cfg, 0)
+    assert Sam3(cfg, params).attention == layers.choose_policy(jax.default_backend(), jnp.float32)
+    assert Sam3(cfg, params, attention="cudnn").module.attn.impl == "cudnn"
+    with pytest.raises(ValueError, match="attention impl must be 'xla' or 'cudnn', got 'flash'"):
+        Sam3(cfg, params, attention="flash")
+    with pytest.raises(ValueError, match="blocked_min_pairs must be >= 1"):
+        layers.AttentionPolicy(blocked_min_pairs=0)
+
+
+def test_policy_reaches_every_attention(monkeypatch):
+    """Every attention of the model (ViT, text, fusion encoder, decoder, mask head) runs under the policy the
+    model was built with: the one that blocks everything calls `attend_blocked` from each stage."""
+    calls = []
+    real = layers.attend_blocked
+    monkeypatch.setattr(layers, "attend_blocked", lambda *a, **kw: calls.append(a[0].shape[1]) or real(*a, **kw))
+    cfg = tiny_config()
+    model = Sam3(cfg, random_params(cfg, 0), attention=layers.AttentionPolicy(blocked_min_pairs=1))
+    s = cfg.image_size
+    ids = np.zeros((1, cfg.context_length), np.int32)
+    model(np.zeros((1, 3, s, s), np.float32), ids, np.ones_like(ids))
+    n_attn = (cfg.vision.backbone.num_hidden_layers + cfg.text.num_hidden_layers + 2 * cfg.encoder.num_layers
+              + 3 * cfg.decoder.num_layers + 1)
+    assert len(calls) == n_attn, (len(calls), n_attn)
 
 
 # ---- end to end: the engine with every attention blocked -----------------------------------------------------------
@@ -175,9 +206,8 @@ def tiny_setup():
     return cfg, random_params(cfg, 1), images, gts, ids
 
 
-def _soft_loss_and_grad(cfg, params, images, gts, ids):
-    # a fresh Sam3 each time: it caches its jitted stages, which would keep the first trace's attention path
-    engine = Engine(Sam3(cfg, params), images, gts, compilation_cache=False)
+def _soft_loss_and_grad(cfg, params, images, gts, ids, attention=NEVER_BLOCKED):
+    engine = Engine(Sam3(cfg, params, attention=attention), images, gts, compilation_cache=False)
     emb = jnp.asarray(engine.embedding_table, jnp.float32)[jnp.asarray(ids)]  # [6, Ct]
     loss, grad = engine.soft_loss_and_grad(emb)
     return loss, np.asarray(grad)
@@ -195,9 +225,22 @@ def test_engine_soft_loss_through_blocked_attention(tiny_setup, monkeypatch):
         return real(*a, q_block=4, k_block=8)
 
     monkeypatch.setattr(layers, "attend_blocked", small_blocks)
-    monkeypatch.setattr(layers, "BLOCKED_MIN_PAIRS", 1)
-    loss, grad = _soft_loss_and_grad(*tiny_setup)
+    loss, grad = _soft_loss_and_grad(*tiny_setup, attention=layers.AttentionPolicy(blocked_min_pairs=1))
     assert len(calls) > 5
     assert np.isfinite(loss) and abs(loss - ref_loss) <= 1e-5 * max(1.0, abs(ref_loss)), (loss, ref_loss)
     assert np.all(np.isfinite(grad)) and np.abs(ref_grad).max() > 0
     np.testing.assert_allclose(grad, ref_grad, atol=1e-4 * np.abs(ref_grad).max(), rtol=1e-3)
+
+
+def test_cudnn_policy_falls_back_where_cudnn_cannot_run():
+    """On a machine without cuDNN (CI's CPU) a cudnn policy warns and gives the xla path's result; fp32 inputs
+    never take the cudnn path."""
+    q, k, v = qkv(1, 8, 8, 2, 16, dtype=jnp.bfloat16)
+    cudnn = layers.AttentionPolicy("cudnn")
+    if jax.default_backend() == "gpu":
+        pytest.skip("a GPU runs cuDNN for real (see benchmarks/throughput.py)")
+    with pytest.warns(UserWarning, match="cuDNN attention unavailable"):
+        got = layers.attend(q, k, v, None, cudnn)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(plain(q, k, v), np.float32))
+    q32, k32, v32 = qkv(1, 8, 8, 2, 16)
+    np.testing.assert_array_equal(np.asarray(layers.attend(q32, k32, v32, None, cudnn)), np.asarray(plain(q32, k32, v32)))

@@ -163,7 +163,8 @@ class Engine:
         d, q, m2 = c.encoder.hidden_size, c.decoder.num_queries, (4 * c.vision.backbone.grid) ** 2
         item = self.model.dtype.itemsize
         # blocked attention holds about two [q_block, k_block] logit blocks, not the whole [g2, g2]
-        pairs = g2 * g2 if g2 * g2 < layers.BLOCKED_MIN_PAIRS else 2 * layers.Q_BLOCK * layers.K_BLOCK
+        blocked = g2 * g2 >= self.model.attention.blocked_min_pairs
+        pairs = 2 * layers.Q_BLOCK * layers.K_BLOCK if blocked else g2 * g2
         per = (c.encoder.num_attention_heads * pairs * 4  # encoder attention logits (fp32)
                + 12 * g2 * max(c.encoder.intermediate_size, d) * item  # encoder/decoder activations
                + 6 * m2 * d * item + 2 * q * m2 * 4)  # pixel decoder + mask logits

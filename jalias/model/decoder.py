@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from .config import TransformerConfig
-from .layers import (MLP, Attention, DecoderMLP, box_cxcywh_to_xyxy, inverse_sigmoid, layer_norm,
+from .layers import (MLP, XLA, Attention, AttentionPolicy, DecoderMLP, box_cxcywh_to_xyxy, inverse_sigmoid, layer_norm,
                      sine_embed_boxes)
 
 PRESENCE_CLAMP = 10.0
@@ -25,11 +25,12 @@ class DecoderLayer(nn.Module):
 
     cfg: TransformerConfig
     dtype: jnp.dtype = jnp.float32
+    attn: AttentionPolicy = XLA
 
     @nn.compact
     def __call__(self, x, query_pos, text, text_bias, vision, vision_pos, rpb):
         cfg, dt = self.cfg, self.dtype
-        attn = lambda name: Attention(cfg.hidden_size, cfg.num_attention_heads, dt, name=name)
+        attn = lambda name: Attention(cfg.hidden_size, cfg.num_attention_heads, dt, attn=self.attn, name=name)
         ln = lambda name: layer_norm(1e-5, dt, name)
         qp = jnp.pad(query_pos, ((0, 0), (1, 0), (0, 0))).astype(x.dtype)  # presence token has no position
         q = x + qp
@@ -44,10 +45,11 @@ class DecoderLayer(nn.Module):
 class DetrDecoder(nn.Module):
     cfg: TransformerConfig
     dtype: jnp.dtype = jnp.float32
+    attn: AttentionPolicy = XLA
 
     def setup(self):
         cfg, dt, d = self.cfg, self.dtype, self.cfg.hidden_size
-        self.layers = [DecoderLayer(cfg, dt) for _ in range(cfg.num_layers)]
+        self.layers = [DecoderLayer(cfg, dt, self.attn) for _ in range(cfg.num_layers)]
         self.output_layer_norm = layer_norm(1e-5, dt, None)
         self.box_head = DecoderMLP(d, 4, 3, dt)
         self.query_embed = nn.Embed(cfg.num_queries, d)

@@ -10,19 +10,20 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from .config import TransformerConfig
-from .layers import MLP, Attention, layer_norm
+from .layers import MLP, XLA, Attention, AttentionPolicy, layer_norm
 
 
 class EncoderLayer(nn.Module):
     cfg: TransformerConfig
     dtype: jnp.dtype = jnp.float32
+    attn: AttentionPolicy = XLA
 
     def setup(self):
         cfg, dt = self.cfg, self.dtype
         self.layer_norm1 = layer_norm(1e-5, dt, None)
-        self.self_attn = Attention(cfg.hidden_size, cfg.num_attention_heads, dt)
+        self.self_attn = Attention(cfg.hidden_size, cfg.num_attention_heads, dt, attn=self.attn)
         self.layer_norm2 = layer_norm(1e-5, dt, None)
-        self.cross_attn = Attention(cfg.hidden_size, cfg.num_attention_heads, dt)
+        self.cross_attn = Attention(cfg.hidden_size, cfg.num_attention_heads, dt, attn=self.attn)
         self.layer_norm3 = layer_norm(1e-5, dt, None)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, dt)
 
@@ -44,9 +45,10 @@ class EncoderLayer(nn.Module):
 class DetrEncoder(nn.Module):
     cfg: TransformerConfig
     dtype: jnp.dtype = jnp.float32
+    attn: AttentionPolicy = XLA
 
     def setup(self):
-        self.layers = [EncoderLayer(self.cfg, self.dtype) for _ in range(self.cfg.num_layers)]
+        self.layers = [EncoderLayer(self.cfg, self.dtype, self.attn) for _ in range(self.cfg.num_layers)]
 
     def first_self_block(self, x, pos):
         """Layer 0's prompt-independent block: x [B, HW, D] -> [B, HW, D]."""

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from .config import MaskDecoderConfig, TransformerConfig
-from .layers import Attention, DecoderMLP, dense, layer_norm
+from .layers import XLA, Attention, AttentionPolicy, DecoderMLP, dense, layer_norm
 
 SCORE_CLAMP = 12.0
 
@@ -110,11 +110,12 @@ class PixelDecoder(nn.Module):
 class MaskDecoder(nn.Module):
     cfg: MaskDecoderConfig
     dtype: jnp.dtype = jnp.float32
+    attn: AttentionPolicy = XLA
 
     def setup(self):
         cfg, dt, d = self.cfg, self.dtype, self.cfg.hidden_size
         self.prompt_cross_attn_norm = layer_norm(1e-5, dt, None)
-        self.prompt_cross_attn = Attention(d, cfg.num_attention_heads, dt)
+        self.prompt_cross_attn = Attention(d, cfg.num_attention_heads, dt, attn=self.attn)
         self.pixel_decoder = PixelDecoder(cfg, dt)
         self.instance_projection = nn.Conv(d, (1, 1), dtype=dt)
         self.semantic_projection = nn.Conv(1, (1, 1), dtype=dt)

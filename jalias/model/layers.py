@@ -8,16 +8,14 @@ Layout conventions: sequences are [B, T, C]; images are channels-last [B, H, W, 
 from __future__ import annotations
 
 import math
+import warnings
+from dataclasses import dataclass
 from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-# Which attention kernel to use: "xla" (plain einsum + fp32 softmax, exact and portable) or "cudnn"
-# (jax.nn.dot_product_attention fused kernel; GPU + bf16 only). Set by the engine, read at trace time.
-ATTENTION_IMPL = {"impl": "xla"}
 
 MASK_VALUE = -1e9  # additive bias for masked keys (finite: a fully masked row stays NaN-free)
 
@@ -46,23 +44,55 @@ def dense(features: int, dtype, name: str, use_bias: bool = True) -> nn.Dense:
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name)
 
 
-# Above this many query x key positions `attend` never materialises the [B, N, T, S] logits and runs
-# `attend_blocked` instead: on CPU the logits' memory traffic, not the FLOPs, was the cost (SAM3's 5184-token
-# self-attention: ~4x faster blocked). Set by tests to force either path; read at trace time.
-BLOCKED_MIN_PAIRS = 1 << 22
 Q_BLOCK, K_BLOCK = 324, 648  # `attend_blocked` block sizes: they tile SAM3's 72 x 72 = 5184-token grid
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+@dataclass(frozen=True)
+class AttentionPolicy:
+    """How `attend` computes attention: a static field of every attention module (part of the jit cache key).
+
+    impl: "xla" (einsum + float32 softmax, exact and portable) or "cudnn" (jax.nn.dot_product_attention's fused
+    kernel, used only for bf16/fp16 inputs; float32 inputs keep the xla path).
+    blocked_min_pairs: at or above this many query x key positions the xla path never materialises the
+    [B, N, T, S] logits and runs `attend_blocked` (on CPU the logits' memory traffic, not the FLOPs, was the
+    cost: SAM3's 5184-token self-attention ran ~4x faster blocked).
+    """
+
+    impl: str = "xla"
+    blocked_min_pairs: int = 1 << 22
+
+    def __post_init__(self):
+        if self.impl not in ("xla", "cudnn"):
+            raise ValueError(f"attention impl must be 'xla' or 'cudnn', got {self.impl!r}")
+        if self.blocked_min_pairs < 1:
+            raise ValueError(f"blocked_min_pairs must be >= 1, got {self.blocked_min_pairs}")
+
+
+XLA = AttentionPolicy()
+
+
+def choose_policy(backend: str, dtype) -> AttentionPolicy:
+    """The default policy for a backend ("cpu", "gpu", "tpu") and compute dtype: cuDNN's fused kernel on a GPU
+    in bf16/fp16, the exact xla path everywhere else."""
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return AttentionPolicy("cudnn") if backend == "gpu" and half else XLA
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = None,
+           policy: AttentionPolicy = XLA) -> jax.Array:
     """Scaled dot-product attention.
 
     q: [B, T, N, H], k/v: [B, S, N, H], bias: additive, broadcastable to [B, N, T, S]. Returns [B, T, N, H].
     Softmax runs in float32 whatever the input dtype. Large T x S goes to `attend_blocked` (same result).
     """
-    if ATTENTION_IMPL["impl"] == "cudnn" and q.dtype in (jnp.bfloat16, jnp.float16):
+    if policy.impl == "cudnn" and q.dtype in (jnp.bfloat16, jnp.float16):
         b = None if bias is None else bias.astype(q.dtype)
-        return jax.nn.dot_product_attention(q, k, v, bias=b, implementation="cudnn")
-    if q.shape[1] * k.shape[1] >= BLOCKED_MIN_PAIRS:
+        try:
+            return jax.nn.dot_product_attention(q, k, v, bias=b, implementation="cudnn")
+        except (ValueError, NotImplementedError, RuntimeError) as e:  # unsupported shape/device, at trace time
+            warnings.warn(f"cuDNN attention unavailable for q {q.shape}, k {k.shape} ({e}); using the xla path",
+                          stacklevel=2)
+    if q.shape[1] * k.shape[1] >= policy.blocked_min_pairs:
         return attend_blocked(q, k, v, bias)
     scale = 1.0 / math.sqrt(q.shape[-1])
     logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
@@ -150,6 +180,7 @@ class Attention(nn.Module):
     num_heads: int
     dtype: jnp.dtype = jnp.float32
     o_name: str = "o_proj"
+    attn: AttentionPolicy = XLA
 
     @nn.compact
     def __call__(self, query, key, value, bias=None):
@@ -157,7 +188,7 @@ class Attention(nn.Module):
         q = split(dense(self.hidden_size, self.dtype, "q_proj")(query))
         k = split(dense(self.hidden_size, self.dtype, "k_proj")(key))
         v = split(dense(self.hidden_size, self.dtype, "v_proj")(value))
-        out = attend(q, k, v, bias)
+        out = attend(q, k, v, bias, self.attn)
         return dense(self.hidden_size, self.dtype, self.o_name)(out.reshape(*out.shape[:-2], self.hidden_size))
 
 

@@ -20,7 +20,7 @@ from .config import Sam3Config
 from .decoder import DetrDecoder
 from .encoder import DetrEncoder
 from .heads import DotProductScoring, MaskDecoder
-from .layers import dense, key_padding_bias, sine_embed_2d
+from .layers import XLA, AttentionPolicy, choose_policy, dense, key_padding_bias, sine_embed_2d
 from .text import TextEncoder
 from .vision import VisionEncoder
 
@@ -28,15 +28,16 @@ from .vision import VisionEncoder
 class Sam3Module(nn.Module):
     cfg: Sam3Config
     dtype: jnp.dtype = jnp.float32
+    attn: AttentionPolicy = XLA
 
     def setup(self):
         cfg, dt = self.cfg, self.dtype
-        self.vision_encoder = VisionEncoder(cfg.vision, dt)
-        self.text_encoder = TextEncoder(cfg.text, dt)
+        self.vision_encoder = VisionEncoder(cfg.vision, dt, self.attn)
+        self.text_encoder = TextEncoder(cfg.text, dt, self.attn)
         self.text_projection = dense(cfg.encoder.hidden_size, dt, None)
-        self.detr_encoder = DetrEncoder(cfg.encoder, dt)
-        self.detr_decoder = DetrDecoder(cfg.decoder, dt)
-        self.mask_decoder = MaskDecoder(cfg.mask_decoder, dt)
+        self.detr_encoder = DetrEncoder(cfg.encoder, dt, self.attn)
+        self.detr_decoder = DetrDecoder(cfg.decoder, dt, self.attn)
+        self.mask_decoder = MaskDecoder(cfg.mask_decoder, dt, self.attn)
         self.dot_product_scoring = DotProductScoring(cfg.decoder, dt)
 
     # ---- image side (computed once per image) -----------------------------------------------------------------
@@ -120,12 +121,20 @@ class Sam3:
 
     `model(pixel_values, input_ids, attention_mask)` mirrors `transformers.Sam3Model(...)` outputs (as numpy-able
     jax arrays). `dtype="bfloat16"` computes in bf16 (params cast once); softmax/norm statistics stay fp32.
+    attention: an `AttentionPolicy`, "xla", "cudnn" or "auto" (default: cuDNN's fused kernel on a GPU in bf16/fp16,
+    the exact xla path otherwise; see `layers.choose_policy`).
     """
 
-    def __init__(self, config: Sam3Config, params: Any, dtype: str | jnp.dtype = "float32"):
+    def __init__(self, config: Sam3Config, params: Any, dtype: str | jnp.dtype = "float32",
+                 attention: AttentionPolicy | str = "auto"):
         self.config = config
         self.dtype = jnp.dtype(dtype)
-        self.module = Sam3Module(config, self.dtype)
+        if attention == "auto":
+            attention = choose_policy(jax.default_backend(), self.dtype)
+        elif isinstance(attention, str):
+            attention = AttentionPolicy(attention)
+        self.attention = attention
+        self.module = Sam3Module(config, self.dtype, attention)
         cast = (lambda x: jnp.asarray(x, self.dtype)) if self.dtype != jnp.float32 else jnp.asarray
         self.params = jax.tree_util.tree_map(cast, params)
         self._jit = {}

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from .config import TextConfig
-from .layers import MASK_VALUE, MLP, attend, dense, layer_norm
+from .layers import MASK_VALUE, MLP, XLA, AttentionPolicy, attend, dense, layer_norm
 
 KV = tuple[jax.Array, jax.Array]  # keys, values: [B, P, N, H] each
 
@@ -21,6 +21,7 @@ class CausalSelfAttention(nn.Module):
 
     cfg: TextConfig
     dtype: jnp.dtype = jnp.float32
+    attn: AttentionPolicy = XLA
 
     @nn.compact
     def __call__(self, x, key_valid, past: KV | None = None):
@@ -39,7 +40,7 @@ class CausalSelfAttention(nn.Module):
         q_pos = jnp.arange(t) + (s - t)
         allowed = (jnp.arange(s)[None, :] <= q_pos[:, None])[None] & key_valid[:, None, :].astype(bool)  # [B,T,S]
         bias = jnp.where(allowed, 0.0, MASK_VALUE)[:, None]  # [B, 1, T, S]
-        out = attend(q, k, v, bias)
+        out = attend(q, k, v, bias, self.attn)
         out = dense(c, self.dtype, "out_proj")(out.reshape(*out.shape[:-2], c))
         return out, (k, v)
 
@@ -47,12 +48,13 @@ class CausalSelfAttention(nn.Module):
 class TextLayer(nn.Module):
     cfg: TextConfig
     dtype: jnp.dtype = jnp.float32
+    attn: AttentionPolicy = XLA
 
     @nn.compact
     def __call__(self, x, key_valid, past=None):
         cfg = self.cfg
         h = layer_norm(cfg.layer_norm_eps, self.dtype, "layer_norm1")(x)
-        h, kv = CausalSelfAttention(cfg, self.dtype, name="self_attn")(h, key_valid, past)
+        h, kv = CausalSelfAttention(cfg, self.dtype, self.attn, name="self_attn")(h, key_valid, past)
         x = x + h
         h = layer_norm(cfg.layer_norm_eps, self.dtype, "layer_norm2")(x)
         x = x + MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, self.dtype, name="mlp")(h)
@@ -85,12 +87,13 @@ class TextEmbeddings(nn.Module):
 class TextEncoderLayers(nn.Module):
     cfg: TextConfig
     dtype: jnp.dtype = jnp.float32
+    attn: AttentionPolicy = XLA
 
     @nn.compact
     def __call__(self, x, key_valid, past=None):
         kvs = []
         for i in range(self.cfg.num_hidden_layers):
-            x, kv = TextLayer(self.cfg, self.dtype, name=f"layers_{i}")(
+            x, kv = TextLayer(self.cfg, self.dtype, self.attn, name=f"layers_{i}")(
                 x, key_valid, None if past is None else past[i])
             kvs.append(kv)
         return x, kvs
@@ -101,10 +104,11 @@ class TextTransformer(nn.Module):
 
     cfg: TextConfig
     dtype: jnp.dtype = jnp.float32
+    attn: AttentionPolicy = XLA
 
     def setup(self):
         self.embeddings = TextEmbeddings(self.cfg, self.dtype)
-        self.encoder = TextEncoderLayers(self.cfg, self.dtype)
+        self.encoder = TextEncoderLayers(self.cfg, self.dtype, self.attn)
         self.final_layer_norm = layer_norm(self.cfg.layer_norm_eps, self.dtype, None)
 
     def __call__(self, token_embeds, attention_mask, start: int = 0, past=None):
@@ -130,9 +134,10 @@ class TextEncoder(nn.Module):
 
     cfg: TextConfig
     dtype: jnp.dtype = jnp.float32
+    attn: AttentionPolicy = XLA
 
     def setup(self):
-        self.text_model = TextTransformer(self.cfg, self.dtype)
+        self.text_model = TextTransformer(self.cfg, self.dtype, self.attn)
 
     def __call__(self, token_embeds, attention_mask, start: int = 0, past=None):
         return self.text_model(token_embeds, attention_mask, start, past)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import ViTConfig, VisionConfig
-from .layers import MLP, attend, dense, layer_norm
+from .layers import MLP, XLA, AttentionPolicy, attend, dense, layer_norm
 
 
 def rope_tables(cfg: ViTConfig, window: int) -> tuple[np.ndarray, np.ndarray]:
@@ -62,6 +62,7 @@ class RoPEAttention(nn.Module):
     cfg: ViTConfig
     window: int
     dtype: jnp.dtype = jnp.float32
+    attn: AttentionPolicy = XLA
 
     @nn.compact
     def __call__(self, x):
@@ -72,7 +73,7 @@ class RoPEAttention(nn.Module):
         q = apply_rope(split(dense(c, self.dtype, "q_proj")(x)), cos, sin)
         k = apply_rope(split(dense(c, self.dtype, "k_proj")(x)), cos, sin)
         v = split(dense(c, self.dtype, "v_proj")(x))
-        out = attend(q, k, v).reshape(b, h, w, c)
+        out = attend(q, k, v, None, self.attn).reshape(b, h, w, c)
         return dense(c, self.dtype, "o_proj")(out)
 
 
@@ -82,6 +83,7 @@ class ViTLayer(nn.Module):
     cfg: ViTConfig
     window: int
     dtype: jnp.dtype = jnp.float32
+    attn: AttentionPolicy = XLA
 
     @nn.compact
     def __call__(self, x):
@@ -90,7 +92,7 @@ class ViTLayer(nn.Module):
         if self.window > 0:
             size = h.shape[1:3]
             h, padded = window_partition(h, self.window)
-        h = RoPEAttention(cfg, self.window, self.dtype, name="attention")(h)
+        h = RoPEAttention(cfg, self.window, self.dtype, self.attn, name="attention")(h)
         if self.window > 0:
             h = window_unpartition(h, self.window, padded, size)
         x = x + h
@@ -135,6 +137,7 @@ class ViTBackbone(nn.Module):
 
     cfg: ViTConfig
     dtype: jnp.dtype = jnp.float32
+    attn: AttentionPolicy = XLA
 
     @nn.compact
     def __call__(self, pixels):
@@ -143,7 +146,7 @@ class ViTBackbone(nn.Module):
         x = layer_norm(cfg.layer_norm_eps, self.dtype, "layer_norm")(x)
         for i in range(cfg.num_hidden_layers):
             window = 0 if i in cfg.global_attn_indexes else cfg.window_size
-            x = ViTLayer(cfg, window, self.dtype, name=f"layers_{i}")(x)
+            x = ViTLayer(cfg, window, self.dtype, self.attn, name=f"layers_{i}")(x)
         return x
 
 
@@ -202,9 +205,10 @@ class VisionEncoder(nn.Module):
 
     cfg: VisionConfig
     dtype: jnp.dtype = jnp.float32
+    attn: AttentionPolicy = XLA
 
     @nn.compact
     def __call__(self, pixel_values):
         pixels = jnp.transpose(pixel_values, (0, 2, 3, 1)).astype(self.dtype)
-        x = ViTBackbone(self.cfg.backbone, self.dtype, name="backbone")(pixels)
+        x = ViTBackbone(self.cfg.backbone, self.dtype, self.attn, name="backbone")(pixels)
         return VisionNeck(self.cfg, self.dtype, name="neck")(x)
