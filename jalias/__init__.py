@@ -11,7 +11,7 @@ Everything except the tokenizer is imported on first use, so `import jalias` sta
 
 from importlib import import_module
 
-from jalias.tokenizer import detokenize, tokenize
+from jalias.tokenizer import content_ids, detokenize, tokenize
 
 # public name -> module it lives in (imported lazily by __getattr__)
 _LAZY = {
@@ -25,7 +25,10 @@ _LAZY = {
     "export_run": "jalias.run.export",
 }
 
-__all__ = ["tokenize", "detokenize", *_LAZY]
+# subpackages reachable as attributes without their own import (jalias.search.run_search(...))
+_SUBPACKAGES = ("model", "weights", "engine", "search", "data", "train", "run")
+
+__all__ = ["tokenize", "detokenize", "content_ids", *_LAZY]
 
 
 def __getattr__(name: str):
@@ -33,8 +36,10 @@ def __getattr__(name: str):
         value = getattr(import_module(_LAZY[name]), name)
         globals()[name] = value  # cache: later lookups skip __getattr__
         return value
+    if name in _SUBPACKAGES:
+        return import_module(f"jalias.{name}")
     raise AttributeError(f"module 'jalias' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBPACKAGES))

@@ -269,6 +269,12 @@ def encode(text: str) -> list[int]:
     return get_tokenizer().encode(text)
 
 
+def content_ids(texts: str | Sequence[str]) -> list[list[int]]:
+    """Content token ids (no start/end/padding: what `Engine.score` and `--tokens` take) of each string, ragged:
+    content_ids("kiwi fruit") -> [[ids...]], content_ids(["a", "b c"]) -> [[...], [..., ...]]."""
+    return [encode(t) for t in ([texts] if isinstance(texts, str) else list(texts))]
+
+
 def tokenize(
     texts: str | Sequence[str], context_length: int = CONTEXT_LENGTH
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -233,3 +233,19 @@ def test_env_override_accepts_equivalent_copy(tmp_path, monkeypatch):
     tok = jt.ClipTokenizer()
     assert tok.vocab_path == plain
     assert tok.encode("a photo of a cat") == [320, 1125, 539, 320, 2368]
+
+
+def test_content_ids_and_lazy_subpackages():
+    """README: `import jalias` then `jalias.search.run_search(...)` and `jalias.content_ids(texts)` work as written
+    (in a fresh interpreter, so no earlier test has imported the subpackage)."""
+    import subprocess
+    import sys
+
+    code = ("import jalias, json; print(json.dumps([callable(jalias.search.run_search),"
+            " jalias.content_ids('striped blob'), jalias.content_ids(['a', 'kiwi fruit'])]))")
+    root = str(__import__("pathlib").Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root).stdout
+    ok, one, many = json.loads(out)
+    assert ok and one == [jt.encode("striped blob")] and many == [jt.encode("a"), jt.encode("kiwi fruit")]
+    ids, mask = jt.tokenize("striped blob")
+    assert list(ids[0][1:1 + int(mask[0].sum()) - 2]) == one[0]  # the content between START and END
