@@ -460,3 +460,18 @@ def test_make_tiny_is_deterministic(tmp_path):
     a, b = mod.make_tiny(tmp_path / "a"), mod.make_tiny(tmp_path / "b")
     assert a["fingerprint"] == b["fingerprint"] and a["dtype"] == "bfloat16"
     assert disk_size(tmp_path / "a") < 5e6
+
+
+def test_orbax_config_not_matching_params_is_one_line(ref, tmp_path):
+    """config.json edited after conversion (more queries): load names the first mis-shaped tensor in one line,
+    without verify=True, instead of a Flax ScopeParamShapeError at the first forward."""
+    dst = convert(ref.hf_dir, tmp_path / "ckpt", progress=False)
+    cfg = json.loads((dst / "config.json").read_text())
+    detr = cfg["detr_decoder_config"] if "detr_decoder_config" in cfg else None
+    assert detr is not None and "num_queries" in detr, sorted(cfg)
+    detr["num_queries"] += 1
+    (dst / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(WeightError) as e:
+        load(dst)
+    msg = str(e.value)
+    assert "\n" not in msg and "shape" in msg and "expected" in msg and str(dst) in msg, msg

@@ -425,17 +425,16 @@ def load(path: str | os.PathLike, dtype: str | None = None, config: Any = None, 
 
     Accepts a converted Orbax checkpoint (fast path) or any source layout (HF dir, .safetensors, .bin, Meta .pt),
     converted in memory. dtype is the compute dtype: None -> float32 whatever the stored dtype (bfloat16 storage
-    is upcast); "bfloat16" computes in bf16. config overrides the checkpoint's config. verify=True (Orbax only)
-    re-hashes the params against jalias.json and checks every param path/shape against the config (seconds for
-    full-size SAM3; `save_params` already checked them when the checkpoint was written).
+    is upcast); "bfloat16" computes in bf16. config overrides the checkpoint's config. Every param path/shape is
+    checked against the config (WeightError names the tensor; an abstract init, seconds for full-size SAM3);
+    verify=True (Orbax only) also re-hashes the params against jalias.json.
     """
     compute = _np_dtype("float32" if dtype is None else dtype)
     src = resolve(path)
     if detect_layout(src) == "orbax":
         params, cfg_dict, _ = orbax_io.load(src, verify=verify)
         cfg = as_config(config if config is not None else cfg_dict)
-        if verify:
-            _check_tree(params, cfg, str(src))
+        _check_tree(params, cfg, str(src))  # a config.json edited or not matching the params: one line, not Flax's
         if compute == np.float32:  # Sam3 only casts when computing in a narrower dtype; leaf by leaf, so no
             params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)  # full float32 host copy
     else:
