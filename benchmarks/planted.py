@@ -339,8 +339,9 @@ def main(argv=None) -> dict:
     total = time.perf_counter() - t0
     print(f"plot: {png}  total time {total:.0f}s")
     result = {**summary["methods"], "baselines": summary["baselines"], "target": summary["target"],
-              "settings": {"methods": plain_settings(SETTINGS), "problems": problems_ids, "seeds": seeds, "budgets": budgets,
-                           "threshold": THRESHOLD, "kind": args.kind, "total_s": total, "devices": _devices(),
+              "settings": {"methods": plain_settings(SETTINGS), "problems": problems_ids, "seeds": seeds,
+                           "budgets": budgets, "threshold": THRESHOLD, "kind": args.kind, "total_s": total,
+                           "devices": _devices(),
                            "run": run_key(args.methods, seeds, budgets, args.kind),
                            "merged_from": [str(f) for f in args.merge or []]},
               "problems": problems}
@@ -370,8 +371,8 @@ def merge_runs(files: list[list[dict]]) -> list[dict]:
 
 def run_key(methods: list[str], seeds: list[int], budgets: list[int], kind: str) -> str:
     """What makes stored per-problem results reusable by --resume."""
-    return json.dumps({"methods": plain_settings({m: SETTINGS[m] for m in methods}), "seeds": seeds, "budget": max(budgets),
-                       "kind": kind}, sort_keys=True)
+    return json.dumps({"methods": plain_settings({m: SETTINGS[m] for m in methods}), "seeds": seeds,
+                       "budget": max(budgets), "kind": kind}, sort_keys=True)
 
 
 def write_json(path: Path, obj: dict) -> None:

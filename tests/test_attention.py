@@ -243,4 +243,5 @@ def test_cudnn_policy_falls_back_where_cudnn_cannot_run():
         got = layers.attend(q, k, v, None, cudnn)
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(plain(q, k, v), np.float32))
     q32, k32, v32 = qkv(1, 8, 8, 2, 16)
-    np.testing.assert_array_equal(np.asarray(layers.attend(q32, k32, v32, None, cudnn)), np.asarray(plain(q32, k32, v32)))
+    np.testing.assert_array_equal(np.asarray(layers.attend(q32, k32, v32, None, cudnn)),
+                                  np.asarray(plain(q32, k32, v32)))

@@ -88,3 +88,12 @@ def test_option_types_are_checked(options, message):
 def test_good_option_types_pass():
     _settings(method="gcg", options={"search_width": 8, "max_steps": None, "keep_if_better": True}).validate()
     _settings(method="soft", options={"lr": 1}).validate()
+
+
+def test_dict_configs_are_type_checked_too():
+    """The check lives in SearchConfig.from_dict, so run_search / coerce_config with a dict get it as well."""
+    with pytest.raises(ValueError, match="option search_width expects int, got 'abc'"):
+        coerce_config({"search_width": "abc"}, GCGConfig, "gcg")
+    import numpy as np
+
+    assert coerce_config({"search_width": np.int64(8)}, GCGConfig, "gcg").search_width == 8

@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from .config import TransformerConfig
-from .layers import (MLP, XLA, Attention, AttentionPolicy, DecoderMLP, box_cxcywh_to_xyxy, inverse_sigmoid, layer_norm,
-                     sine_embed_boxes)
+from .layers import (MLP, XLA, Attention, AttentionPolicy, DecoderMLP, box_cxcywh_to_xyxy, inverse_sigmoid,
+                     layer_norm, sine_embed_boxes)
 
 PRESENCE_CLAMP = 10.0
 

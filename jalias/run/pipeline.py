@@ -222,7 +222,8 @@ def search_category(model, cd, slug: str, settings: RunSettings, run: RunDir, re
     if held is not None:
         held_engine = make_engine(model, held, settings, chunk_size, prefix_cache=False)
         label_held = score_one(held_engine, label_ids, log, f"scoring the label of {cd.name} (held-out)")
-        alias_held = score_one(held_engine, alias_ids, log, f"scoring the alias of {cd.name} (held-out)")
+        alias_held = (score_one(held_engine, alias_ids, log, f"scoring the alias of {cd.name} (held-out)")
+                      if beat else label_held)  # the label kept as the result: scored once
         parts.append(("heldout", held, held_engine, label_held, alias_held))
         del held_engine
     overlay = f"overlays/{slug}.png"

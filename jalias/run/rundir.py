@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -47,6 +46,7 @@ class RunSettings:
 
     def validate(self) -> None:
         from ..search import METHODS
+        from ..search.base import check_field_types
 
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
@@ -71,12 +71,11 @@ class RunSettings:
         for key in self.options:
             if key not in own:
                 raise ValueError(f"unknown option {key!r} for method {self.method}; valid: {', '.join(own) or 'none'}")
-        check_option_types(cls, self.options)
+        check_field_types(cls, self.options)
 
     def search_config(self, label_ids: Sequence[int]):
         """The method's config object for one category."""
         from ..search import METHODS
-
         from ..search.defaults import measured
 
         cls = METHODS[self.method].config_cls
@@ -91,29 +90,6 @@ class RunSettings:
     def from_dict(cls, d: dict) -> "RunSettings":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
-
-
-_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
-
-
-def check_option_types(cls: type, options: dict) -> None:
-    """Raise a one-line ValueError when an option's value does not have its config field's type
-    (e.g. `--set search_width=abc`). Optional fields also take None (JSON null)."""
-    hints = typing.get_type_hints(cls)
-    for key, value in options.items():
-        hint = hints.get(key)
-        args = typing.get_args(hint)
-        optional = type(None) in args
-        base = next((a for a in args if a is not type(None)), hint) if args else hint
-        name = getattr(base, "__name__", "")
-        if value is None and optional:
-            continue
-        ok = _TYPES.get(name)
-        if ok is None:
-            continue  # structured fields (halving, token lists) are checked by the config itself
-        if isinstance(value, bool) and name != "bool" or not isinstance(value, ok):
-            want = f"{name} or null" if optional else name
-            raise ValueError(f"option {key} expects {want}, got {value!r}")
 
 
 def slugify(name: str, taken: set[str]) -> str:

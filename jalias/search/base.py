@@ -9,10 +9,14 @@ checkpoints and resumption).
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
+
+from .defaults import measured
 
 Checkpoint = Callable[[dict], None]
 
@@ -156,7 +160,30 @@ class SearchConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+        check_field_types(cls, d)
         return cls(**d)
+
+
+_TYPES = {"int": numbers.Integral, "float": numbers.Real, "bool": bool, "str": str}
+
+
+def check_field_types(cls: type, values: dict) -> None:
+    """Raise a one-line ValueError when a value does not have its config field's type (e.g.
+    `--set search_width=abc`). Optional fields also take None; structured fields (halving, token lists) are
+    checked by the config itself."""
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        hint = hints.get(key)
+        args = typing.get_args(hint)
+        optional = type(None) in args
+        base = next((a for a in args if a is not type(None)), hint) if args else hint
+        name = getattr(base, "__name__", "")
+        ok = _TYPES.get(name)
+        if ok is None or (value is None and optional):
+            continue
+        if isinstance(value, bool) and name != "bool" or not isinstance(value, ok):
+            want = f"{name} or null" if optional else name
+            raise ValueError(f"option {key} expects {want}, got {value!r}")
 
 
 def coerce_config(config: Any, cls: type, method: str) -> SearchConfig:
@@ -166,8 +193,6 @@ def coerce_config(config: Any, cls: type, method: str) -> SearchConfig:
     fields override them. An instance of cls is used as it is. A config of another method's class is refused, so
     that its settings are not silently ignored.
     """
-    from .defaults import measured
-
     if config is None:
         return cls.from_dict(measured(method))
     if isinstance(config, dict):
