@@ -22,9 +22,8 @@ from jalias.model.init import random_params, random_tree
 from jalias.model.sam3 import Sam3
 from jalias.tokenizer import tokenize
 from jalias.weights.load import from_torch
-from jalias.weights.mapping import SKIPPED, module_shapes, params_to_state_dict
+from jalias.weights.mapping import module_shapes, params_to_state_dict, skip_pattern
 
-SKIP_RE = re.compile("|".join(SKIPPED))
 OUTPUTS = ("pred_logits", "pred_boxes", "presence_logits", "pred_masks", "semantic_seg")
 
 # Short word, long multi-word prompt (many real tokens, few pads) and the empty prompt (start + end tokens only).
@@ -73,9 +72,9 @@ def build_pair(cfg: Sam3Config, seed: int) -> Pair:
     result = hm.load_state_dict({k: torch.from_numpy(v) for k, v in params_to_state_dict(params).items()},
                                 strict=False)
     assert not result.unexpected_keys, f"jalias params with no torch counterpart: {result.unexpected_keys}"
-    not_loaded = [k for k in result.missing_keys if not SKIP_RE.search(k)]
+    not_loaded = [k for k in result.missing_keys if not skip_pattern(cfg).search(k)]
     assert not not_loaded, f"torch weights that jalias does not provide (and does not skip): {not_loaded}"
-    return Pair(cfg, params, hm, from_torch(hm))
+    return Pair(cfg, params, hm, from_torch(hm, prompt_mode="hf"))  # transformers skips the geometry CLS
 
 
 def torch_forward(hm, pixel_values: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict:

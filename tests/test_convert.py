@@ -10,6 +10,7 @@ All forwards share one jit compilation (same config, float32 params).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -24,7 +25,7 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors.numpy import save_file  # noqa: E402
 
-from jalias.model.config import Sam3Config, tiny_config  # noqa: E402
+from jalias.model.config import GeometryConfig, Sam3Config, meta_config, tiny_config  # noqa: E402
 from jalias.model.init import random_params  # noqa: E402
 from jalias.tokenizer import tokenize  # noqa: E402
 from jalias.weights import (WeightError, convert, convert_command, detect_layout, load, read_checkpoint,  # noqa: E402
@@ -265,12 +266,18 @@ def test_every_layout_converts_to_the_same_model(ref, tmp_path, layout):
 
 
 def test_meta_pt_without_config_uses_sam3_defaults(ref, tmp_path):
-    # sam3.pt ships without a config: the default Sam3Config is facebook/sam3's size (== HF's defaults)
-    assert Sam3Config.from_hf_dict(transformers.Sam3Config().to_dict()) == Sam3Config()
+    # sam3.pt ships without a config: meta_config() is facebook/sam3's size with Meta's builder constants, which
+    # differ from HF's defaults only in the ViT's LayerNorm eps (Meta 1e-5, transformers 1e-6)
+    hf_default = Sam3Config.from_hf_dict(transformers.Sam3Config().to_dict())
+    assert hf_default == dataclasses.replace(Sam3Config(), geometry=GeometryConfig())
+    meta = meta_config()
+    assert meta.vision.backbone.layer_norm_eps == 1e-5 and hf_default.vision.backbone.layer_norm_eps == 1e-6
+    vit = dataclasses.replace(meta.vision.backbone, layer_norm_eps=1e-6)
+    assert dataclasses.replace(meta, vision=dataclasses.replace(meta.vision, backbone=vit)) == hf_default
     meta = hf_to_meta(ref.state_dict)
     torch.save({"model": {k: torch.from_numpy(v) for k, v in meta.items()}}, tmp_path / "sam3.pt")
     sd, cfg = read_checkpoint(tmp_path / "sam3.pt")
-    assert cfg == Sam3Config()
+    assert cfg == meta_config()
     assert_same_params(to_params(sd, ref.cfg), ref.params, "meta_pt read")
 
 

@@ -5,7 +5,11 @@ What it does per `score(ids[N, L])`:
   2. text-prefix KV cache: candidates are sorted by how long a prefix they share with a reference sequence;
      the reference's CLIP keys/values are computed once and every chunk only runs its differing suffix;
   3. per image (features cached on device; optionally on disk), the prompt-dependent part of SAM3 (fusion
-     encoder, decoder, heads) and the exact mask IoU run in one jitted call over the chunk;
+     encoder, decoder, heads) and the exact mask IoU run in one jitted call over the chunk. In "meta" prompt mode
+     the image cache also holds the geometry encoder's CLS token (one per image), which `detect` appends to
+     every candidate's prompt (one more prompt token), and token id 0 is masked out of the detect-side prompt
+     as in Meta's SAM3 (CLIP still reads it). The soft surrogate (`soft_loss*`) has no ids: all its content
+     positions count as valid;
   4. with several devices the candidate axis is sharded over a 1-D mesh.
 """
 
@@ -57,7 +61,8 @@ class Engine:
     model: a loaded `Sam3`; images: uint8 [H, W, 3] arrays or image paths; gt_masks: bool [H', W'] per image
     (the union of the concept's instances; empty for a negative image); negative: per-image flags (images where
     the alias should predict nothing); chunk_size: candidates per compiled step (None: chosen from free memory);
-    prefix_cache: reuse CLIP keys/values of shared prefixes; cache_dir: on-disk image-feature cache.
+    prefix_cache: reuse CLIP keys/values of shared prefixes; cache_dir: on-disk image-feature cache;
+    prompt_mode: "meta" | "hf" | None (the model's own, see `Sam3`): which reference SAM3 the scores follow.
     """
 
     vocab_size: int
@@ -68,14 +73,15 @@ class Engine:
     def __init__(self, model: Sam3, images: Sequence, gt_masks: Sequence, negative: Sequence[bool] | None = None,
                  chunk_size: int | None = None, prefix_cache: bool = True, cache_dir: str | None = None,
                  threshold: float = 0.5, negative_weight: float = 0.5, devices: Sequence | None = None,
-                 compilation_cache: bool = True):
+                 compilation_cache: bool = True, prompt_mode: str | None = None):
         if len(images) == 0:
             raise ValueError("Engine needs at least one image")
         if len(images) != len(gt_masks):
             raise ValueError(f"got {len(images)} images but {len(gt_masks)} GT masks")
         if compilation_cache:
             enable_compilation_cache()
-        self.model = model
+        self.model = model = model.with_prompt_mode(prompt_mode)
+        self.prompt_mode = model.prompt_mode
         self.config = model.config
         self.vocab_size = model.config.text.vocab_size
         self.threshold = float(threshold)
@@ -110,7 +116,7 @@ class Engine:
     def _image_contexts(self, images, cache_dir) -> list[dict]:
         """Backbone + neck + first encoder self-attention, once per image (memory / on-disk cache)."""
         size = self.config.image_size
-        fingerprint = _fingerprint(self.model) if cache_dir else None
+        fingerprint = _fingerprint(self.model) + self.prompt_mode if cache_dir else None
         out = []
         for i, im in enumerate(images):
             arr = load_image(im) if isinstance(im, (str, os.PathLike)) else np.asarray(im)
@@ -292,6 +298,7 @@ class Engine:
         cand = NamedSharding(self.mesh, P("cand"))
         ids_d, mask_d = jax.device_put(ids, cand), jax.device_put(mask, cand)
         prompt = self._jit_text(self.model.params, ids_d, mask_d, ref_feats, ref_kv, prefix=prefix)
+        detect_mask = jax.device_put(self.model.prompt_mask(ids, mask), cand)
         out = np.zeros((n, len(sel)), np.float32)
         col = {int(i): j for j, i in enumerate(sel)}
         for g in self._groups:
@@ -301,7 +308,8 @@ class Engine:
             ctx = g.ctx if len(wanted) == len(g.index) else jax.tree_util.tree_map(lambda x: x[np.asarray(wanted)], g.ctx)
             gt = g.gt if len(wanted) == len(g.index) else g.gt[np.asarray(wanted)]
             batch = max(1, min(bucket, int(2e8 // (self.config.decoder.num_queries * gt.shape[-1] * gt.shape[-2] * 4))))
-            iou = np.asarray(self._jit_iou(self.model.params, prompt, mask_d, ctx, gt, g.rows, g.cols, batch=batch))
+            iou = np.asarray(self._jit_iou(self.model.params, prompt, detect_mask, ctx, gt, g.rows, g.cols,
+                                           batch=batch))
             for k, w in enumerate(wanted):
                 out[:, col[int(g.index[w])]] = iou[:n, k]
         return out

@@ -46,7 +46,7 @@ def predict(model, image: np.ndarray, prompts: Sequence[Sequence[int]], threshol
     if context is None:
         context = model.encode_image(preprocess(image, cfg.image_size))
     prompt = model.encode_text(input_ids, mask)
-    out = model.detect(context, prompt, mask)
+    out = model.detect(context, prompt, model.prompt_mask(input_ids, mask))  # "meta": id 0 masked
     scores = _scores(out["pred_logits"], out["presence_logits"])
     keep = scores > threshold
     m = out["pred_masks"].shape[-1]

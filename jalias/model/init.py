@@ -16,7 +16,11 @@ from .shapes import param_shapes
 
 def random_params(config: Sam3Config, seed: int = 0, gain: float = 1.0, presence_bias: float = 0.0) -> dict:
     """Nested dict of float32 numpy arrays with the Flax param tree of `Sam3Module(config)`."""
-    params = random_tree(param_shapes(config), seed, gain)
+    shapes = param_shapes(config)
+    geometry = {k: v for k, v in shapes.items() if k[0] == "geometry_encoder"}
+    params = random_tree({k: v for k, v in shapes.items() if k[0] != "geometry_encoder"}, seed, gain)
+    if geometry:  # its own stream: every other weight is the same with or without the geometry encoder
+        params.update(random_tree(geometry, seed + 7919, gain))
     if presence_bias:
         params["detr_decoder"]["presence_head"]["layer3"]["bias"] += np.float32(presence_bias)
     return params

@@ -21,5 +21,6 @@ def param_shapes(config: Sam3Config) -> dict[tuple[str, ...], tuple[int, ...]]:
     from .sam3 import Sam3Module
 
     s, t = config.image_size, config.context_length
-    return module_shapes(Sam3Module(config), np.zeros((1, 3, s, s), np.float32), np.zeros((1, t), np.int32),
-                         np.ones((1, t), np.int32))
+    mode = "meta" if config.geometry is not None else "hf"  # "meta" also creates the geometry encoder's params
+    return module_shapes(Sam3Module(config, prompt_mode=mode), np.zeros((1, 3, s, s), np.float32),
+                         np.zeros((1, t), np.int32), np.ones((1, t), np.int32))

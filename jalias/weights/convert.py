@@ -19,8 +19,10 @@ orbax-checkpoint 0.12.8: full-size SAM3, 830M params, peak ~5 GB anonymous RAM f
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import logging
 import math
 import os
 import re
@@ -33,13 +35,15 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from ..model.config import Sam3Config
+from ..model.config import Sam3Config, meta_config
 from ..model.sam3 import Sam3
 from . import orbax_io
 from .load import as_config
-from .mapping import (WeightError, _SKIP_RE, _strip_prefix, _torch_shape, hf_key, param_shapes, params_to_state_dict,
-                      to_flax_layout)
+from .mapping import (WeightError, _strip_prefix, _torch_shape, hf_key, param_shapes, params_to_state_dict,
+                      skip_pattern, to_flax_layout)
 from .meta import load_meta_checkpoint, meta_to_hf
+
+log = logging.getLogger(__name__)
 
 LAYOUTS = ("hf_dir", "safetensors", "torch_bin", "meta_pt", "orbax")
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -210,7 +214,7 @@ def _config_beside(path: Path, config: Any, layout: str) -> Sam3Config:
     if beside.is_file():
         return as_config(beside)
     if layout == "meta_pt":
-        return Sam3Config()  # sam3.pt has no config; Meta ships one model size (= HF Sam3Config() defaults)
+        return meta_config()  # sam3.pt has no config; Meta ships one model size (constants from Meta's builder)
     raise ValueError(f"no config for {path}: put the model's config.json next to it or pass config=...")
 
 
@@ -266,7 +270,8 @@ def to_params(state_dict: dict[str, Any], config: Sam3Config, dtype: str = "floa
             raise WeightError(f"weight {key!r} has shape {got}, expected {want}")
         plan.append((path, key))
     used = {key for _, key in plan}
-    extra = sorted(k for k in state_dict if k not in used and not _SKIP_RE.search(k))
+    skip = skip_pattern(config)
+    extra = sorted(k for k in state_dict if k not in used and not skip.search(k))
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
         raise WeightError(f"unexpected weight {extra[0]!r}{more}: checkpoint does not match this SAM3 config")
@@ -420,24 +425,31 @@ def convert_command(src: str, dst: str, dtype: str = "float32", overwrite: bool 
 
 
 # ---- loading ----------------------------------------------------------------------------------------------------
-def load(path: str | os.PathLike, dtype: str | None = None, config: Any = None, verify: bool = False) -> Sam3:
+def load(path: str | os.PathLike, dtype: str | None = None, config: Any = None, verify: bool = False,
+         prompt_mode: str | None = None) -> Sam3:
     """A loaded jalias `Sam3` (same type as `from_torch`) from a path or a bare name under weights/ ("tiny").
 
     Accepts a converted Orbax checkpoint (fast path) or any source layout (HF dir, .safetensors, .bin, Meta .pt),
     converted in memory. dtype is the compute dtype: None -> float32 whatever the stored dtype (bfloat16 storage
     is upcast); "bfloat16" computes in bf16. config overrides the checkpoint's config. Every param path/shape is
     checked against the config (WeightError names the tensor; an abstract init, seconds for full-size SAM3);
-    verify=True (Orbax only) also re-hashes the params against jalias.json.
+    verify=True (Orbax only) also re-hashes the params against jalias.json. prompt_mode: "meta" | "hf" | None
+    (Meta's behaviour when the checkpoint has the geometry encoder, which HF and Meta checkpoints do; see Sam3).
     """
     compute = _np_dtype("float32" if dtype is None else dtype)
     src = resolve(path)
     if detect_layout(src) == "orbax":
         params, cfg_dict, _ = orbax_io.load(src, verify=verify)
         cfg = as_config(config if config is not None else cfg_dict)
+        if cfg.geometry is not None and "geometry_encoder" not in params:
+            # converted by a jalias that dropped the geometry encoder: the model runs, in "hf" prompt mode only
+            log.info("%s has no geometry-encoder weights (converted by an older jalias): only prompt_mode "
+                        "'hf' is available; re-convert from the HF/Meta source for Meta's behaviour", src)
+            cfg = dataclasses.replace(cfg, geometry=None)
         _check_tree(params, cfg, str(src))  # a config.json edited or not matching the params: one line, not Flax's
         if compute == np.float32:  # Sam3 only casts when computing in a narrower dtype; leaf by leaf, so no
             params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)  # full float32 host copy
     else:
         state_dict, cfg = read_checkpoint(src, config)
         params = to_params(state_dict, cfg, compute.name, progress=True)
-    return Sam3(cfg, params, dtype=compute.name)
+    return Sam3(cfg, params, dtype=compute.name, prompt_mode=prompt_mode)

@@ -33,9 +33,11 @@ def _tensor_to_numpy(t: Any) -> np.ndarray:
     return np.asarray(t)
 
 
-def from_torch(model_or_state_dict: Any, config: Any = None, dtype: str = "float32") -> Sam3:
+def from_torch(model_or_state_dict: Any, config: Any = None, dtype: str = "float32",
+               prompt_mode: str | None = None) -> Sam3:
     """A `transformers.Sam3Model` (or its state dict plus its config) -> loaded jalias `Sam3`.
 
+    prompt_mode: "hf" reproduces transformers' Sam3Model exactly; None/"meta" is Meta's SAM3 (see `Sam3`).
     Missing, mis-shaped or unexpected weights raise `WeightError` naming the tensor.
     """
     if hasattr(model_or_state_dict, "state_dict"):
@@ -47,4 +49,4 @@ def from_torch(model_or_state_dict: Any, config: Any = None, dtype: str = "float
         raise ValueError("from_torch: a state dict needs its config (pass config=...)")
     cfg = as_config(config)
     params = state_dict_to_params(state_dict, cfg, to_numpy=_tensor_to_numpy)
-    return Sam3(cfg, params, dtype=dtype)
+    return Sam3(cfg, params, dtype=dtype, prompt_mode=prompt_mode)

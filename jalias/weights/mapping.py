@@ -4,7 +4,9 @@ Flax modules are named after the HF modules, so a parameter path maps to an HF k
   path components joined by ".", a trailing "_<i>" (list index) becomes ".<i>";
   leaf "kernel" -> "weight" (2-D: transposed; 4-D conv: (O,I,H,W) -> (H,W,I,O)); "scale"/"embedding" -> "weight";
   anything else keeps its name and layout.
-The only true exceptions are the HF weights that the text-prompted path never uses (SKIPPED below).
+The only true exceptions are the HF weights that the text-prompted path never uses (SKIPPED below). The geometry
+encoder's CLS path (`jalias/model/geometry.py`: cls_embed, final_proj, prompt_layer_norm, layers, output_layer_norm)
+is mapped like any other module when the config has `geometry`; its box-only weights are always skipped.
 """
 
 from __future__ import annotations
@@ -24,11 +26,14 @@ class WeightError(ValueError):
 
 
 # HF keys that exist in a Sam3Model checkpoint but are not used for text prompts. They are checked to exist
-# nowhere else and are dropped: box/point geometry encoder, the 0.5x FPN level (SAM3 drops it), CLIP's own
-# projection (SAM3 projects every token with `text_projection` instead), the unused last pixel-decoder stage,
-# and tracker/video weights in combined checkpoints.
+# nowhere else and are dropped: the geometry encoder's box-prompt parts (its CLS path is used in "meta" prompt
+# mode), the 0.5x FPN level (SAM3 drops it), CLIP's own projection (SAM3 projects every token with
+# `text_projection` instead), the unused last pixel-decoder stage, and tracker/video weights in combined
+# checkpoints.
+GEOMETRY_BOX_ONLY = (r"^geometry_encoder\.(label_embed|boxes_direct_project|boxes_pool_project|boxes_pos_enc_project"
+                     r"|vision_layer_norm)\.")
 SKIPPED = (
-    r"^geometry_encoder\.",
+    GEOMETRY_BOX_ONLY,
     r"^vision_encoder\.neck\.fpn_layers\.3\.",
     r"^text_encoder\.text_projection\.",
     r"^mask_decoder\.pixel_decoder\.(conv_layers|norms)\.[2-9]\.",
@@ -36,6 +41,13 @@ SKIPPED = (
     r"^tracker_neck\.",
 )
 _SKIP_RE = re.compile("|".join(SKIPPED))
+# A config without `geometry` (no geometry-encoder params: "hf" prompt mode only) skips the whole encoder.
+_SKIP_ALL_GEOMETRY_RE = re.compile("|".join(SKIPPED + (r"^geometry_encoder\.",)))
+
+
+def skip_pattern(config: Sam3Config) -> re.Pattern:
+    """The HF keys a checkpoint may carry that this config does not map (dropped, not an error)."""
+    return _SKIP_RE if config.geometry is not None else _SKIP_ALL_GEOMETRY_RE
 _INDEX_RE = re.compile(r"^(.*)_(\d+)$")
 
 
@@ -72,7 +84,7 @@ def _strip_prefix(keys: Iterable[str]) -> str:
     """Checkpoints saved from Sam3VideoModel nest the image model under 'detector_model.'."""
     keys = list(keys)
     return "detector_model." if keys and all(k.startswith("detector_model.") for k in keys
-                                             if not _SKIP_RE.search(k)) else ""
+                                             if not _SKIP_ALL_GEOMETRY_RE.search(k)) else ""
 
 
 def state_dict_to_params(state_dict: Mapping[str, Any], config: Sam3Config,
@@ -83,7 +95,7 @@ def state_dict_to_params(state_dict: Mapping[str, Any], config: Sam3Config,
     """
     prefix = _strip_prefix(state_dict.keys())
     sd = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
-    return tree_from_state_dict(sd, param_shapes(config), to_numpy, skip=_SKIP_RE)
+    return tree_from_state_dict(sd, param_shapes(config), to_numpy, skip=skip_pattern(config))
 
 
 def tree_from_state_dict(sd: Mapping[str, Any], shapes: Mapping[tuple[str, ...], tuple[int, ...]],
