@@ -18,6 +18,8 @@ Skipped (with the reason) only when Meta's package cannot be imported; `tests/in
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -263,3 +265,41 @@ def test_engine_scores_equal_meta_processor(oracle):
                 assert abs(got[n, i] - want) <= 1e-6, f"ids {r[:3]} image {i}: engine IoU {got[n, i]} vs {want}"
         finally:
             oracle.meta.backbone.language_backbone.tokenizer = tok
+
+
+def test_geometry_cls_at_real_size():
+    """Meta's own `_create_geometry_encoder()` (SAM3's real sizes: d 256, 3 layers, 8 heads, 72 x 72 grid) vs
+    jalias's GeometryEncoder(meta_config().geometry), weights through the converter's Meta -> HF -> Flax rules."""
+    import jax.numpy as jnp
+    from sam3 import model_builder
+    from sam3.model.position_encoding import PositionEmbeddingSine
+
+    from jalias.model.config import meta_config
+    from jalias.model.geometry import GeometryEncoder
+    from jalias.model.layers import sine_embed_2d
+    from jalias.weights.mapping import module_shapes, tree_from_state_dict
+    from jalias.weights.meta import meta_to_hf
+
+    geo = model_builder._create_geometry_encoder().eval()
+    mr.randomize(geo, 11)
+    g, d = 72, 256
+    feats = torch.from_numpy(np.random.default_rng(1).normal(size=(1, d, g, g)).astype(np.float32))
+    pos = PositionEmbeddingSine(num_pos_feats=d, normalize=True)(feats)
+    sam = mr.build_meta_model()  # only for its dummy (empty) geometric prompt
+    with torch.no_grad(), mr.cpu_patches():
+        ref, ref_mask = geo(geo_prompt=sam._get_dummy_prompt(), img_feats=[feats.flatten(2).permute(2, 0, 1)],
+                            img_sizes=[(g, g)], img_pos_embeds=[pos.flatten(2).permute(2, 0, 1)])
+    assert ref.shape == (1, 1, d) and not bool(ref_mask.any())  # one token, valid
+    sd = {k[len("geometry_encoder."):]: v for k, v in
+          meta_to_hf({f"geometry_encoder.{k}": v for k, v in geo.state_dict().items()}).items()}
+    cfg = meta_config().geometry
+    module = GeometryEncoder(cfg)
+    vision = jnp.asarray(feats.permute(0, 2, 3, 1).reshape(1, g * g, d).numpy())
+    jpos = sine_embed_2d(g, g, d // 2, normalize=True).reshape(1, g * g, d)
+    shapes = module_shapes(module, vision, jpos)
+    box_only = re.compile(r"^(label_embed|boxes_(direct|pool|pos_enc)_project|vision_layer_norm)\.")
+    params = tree_from_state_dict(sd, shapes, skip=box_only)
+    ours = np.asarray(module.apply({"params": params}, vision, jpos))[0, 0]
+    err = rel_err(ours, ref[0, 0].numpy())
+    assert np.abs(jpos - pos.flatten(2).permute(0, 2, 1).numpy()).max() < 1e-5  # same sine embedding
+    assert err <= STAGE_RTOL, f"geometry CLS at real size: rel err {err:.3g}"
