@@ -4,6 +4,7 @@ optimal, and OOD concepts never reach the training data (by construction, checke
 from __future__ import annotations
 
 import itertools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -109,3 +110,32 @@ def test_batch_targets_follow_the_phrase():
     assert np.all(b["present"][rows[:, :2]] == 1) and np.all(b["tvalid"][rows[:, :2]].any(-1))
     assert np.all(b["present"][rows[:, 2:]] == 0) and not b["tvalid"][rows[:, 2:]].any()
     assert np.all(b["tmask"][b["tvalid"]].sum((-1, -2)) > 0)
+
+
+def test_train_command_writes_a_loadable_checkpoint_and_resumes(tmp_path):
+    """`jalias train`: a killed run resumes; the final checkpoint loads and gives the outputs of the trained params."""
+    from typer.testing import CliRunner
+
+    from jalias.cli import app
+    from jalias.weights import load
+
+    out = tmp_path / "t"
+    args = ["train", "--config", "tiny", "--steps", "3", "--out", str(out), "--no-progress", "--eval-images", "1",
+            "--dtype", "float32"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["recipe"]["config"] == "tiny"
+    assert set(metrics["skill"]) >= {"id_iou", "id_empty_rate", "ood_iou"}
+    model = load(out / "final")
+    recipe = TrainConfig(**metrics["recipe"])
+    like = random_params(CONFIGS["tiny"](), 0)
+    params, _, step, _ = loop.load_state(out / "state", (like, loop.optimizer(recipe).init(like)), recipe)
+    assert step == 3
+    ref = jax.tree_util.tree_leaves(params)
+    got = jax.tree_util.tree_leaves(model.params)
+    assert len(ref) == len(got) and all(np.array_equal(a, b) for a, b in zip(ref, got))
+    # a second run into the same folder without --resume is refused with one line, the run is untouched
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 1 and "already holds a training run" in r.output
+    assert (out / "final").exists()

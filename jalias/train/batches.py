@@ -8,8 +8,6 @@ resolution, boxes xyxy in [0, 1].
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from ..data import world
@@ -22,15 +20,25 @@ from .config import TrainConfig
 MAX_TARGETS = 4  # training scenes hold at most 4 objects
 
 
-@dataclass
 class Pool:
-    """Rendered training scenes: pixel_values float32[N, 3, S, S]; per scene its shapes/colours and
-    masks float32[n_i, m, m] (area-resized), boxes float32[n_i, 4]."""
+    """The training images: scene k is `world.training_scene(seed, k, size)`, rendered on first use and kept (a run
+    touches each scene once it is drawn, so nothing is rendered up front and a resumed run renders only what it
+    draws). `get(k)` -> (pixel_values float32[1, 3, S, S], scene, masks float32[n, m, m] area-resized to the mask
+    head, boxes float32[n, 4] xyxy in [0, 1])."""
 
-    pixels: np.ndarray
-    scenes: list[world.Scene]
-    masks: list[np.ndarray]
-    boxes: list[np.ndarray]
+    def __init__(self, cfg: Sam3Config, seed: int, n: int):
+        self.size, self.m, self.seed, self.n = cfg.image_size, 4 * cfg.vision.backbone.grid, seed, n
+        self._cache: dict[int, tuple] = {}
+
+    def __len__(self) -> int:
+        return self.n
+
+    def get(self, k: int) -> tuple:
+        if k not in self._cache:
+            s = world.training_scene(self.seed, k, self.size)
+            masks = np.stack([area_resize(x, self.m) for x in s.masks]).astype(np.float32)
+            self._cache[k] = (preprocess(s.image, self.size), s, masks, np.stack([mask_box(x) for x in s.masks]))
+        return self._cache[k]
 
 
 def mask_box(mask: np.ndarray) -> np.ndarray:
@@ -41,13 +49,7 @@ def mask_box(mask: np.ndarray) -> np.ndarray:
 
 
 def build_pool(cfg: Sam3Config, train: TrainConfig, n: int | None = None) -> Pool:
-    size, m = cfg.image_size, 4 * cfg.vision.backbone.grid
-    n = train.pool_size if n is None else n
-    scenes = [world.training_scene(train.seed, i, size) for i in range(n)]
-    pixels = np.concatenate([preprocess(s.image, size) for s in scenes])
-    masks = [np.stack([area_resize(k, m) for k in s.masks]).astype(np.float32) for s in scenes]
-    boxes = [np.stack([mask_box(k) for k in s.masks]) for s in scenes]
-    return Pool(pixels, scenes, masks, boxes)
+    return Pool(cfg, train.seed, train.pool_size if n is None else n)
 
 
 def _phrase_ids() -> dict:
@@ -110,15 +112,17 @@ def sample_batch(pool: Pool, train: TrainConfig, step: int, reserved: np.ndarray
     tbox float32[B*P, M, 4]; tvalid bool[B*P, M]; present float32[B*P]. Pair b*P + j uses image b."""
     rng = np.random.default_rng([world.TRAIN_STREAM, train.seed, 7, step])
     b, p = train.images_per_step, train.prompts_per_image
-    m = pool.masks[0].shape[-1]
-    picks = rng.integers(0, len(pool.scenes), b)
+    m = pool.m
+    picks = rng.integers(0, len(pool), b)
     ids, tmask = [], np.zeros((b * p, MAX_TARGETS, m, m), np.float32)
     tbox = np.zeros((b * p, MAX_TARGETS, 4), np.float32)
     tvalid = np.zeros((b * p, MAX_TARGETS), bool)
     present = np.zeros(b * p, np.float32)
     vocab = np.setdiff1d(np.arange(START_ID), reserved)
+    pixels = []
     for i, k in enumerate(picks):
-        scene = pool.scenes[int(k)]
+        px, scene, masks, boxes = pool.get(int(k))
+        pixels.append(px)
         groups = [g for g in _present_phrases(scene)]
         n_pos = p // 2
         for j in range(p):
@@ -135,10 +139,10 @@ def sample_batch(pool: Pool, train: TrainConfig, step: int, reserved: np.ndarray
             ids.append(phrase_ids()[phrase])
             tg = world.phrase_targets(scene, phrase)
             for slot, obj in enumerate(tg):
-                tmask[row, slot] = pool.masks[int(k)][obj]
-                tbox[row, slot] = pool.boxes[int(k)][obj]
+                tmask[row, slot] = masks[obj]
+                tbox[row, slot] = boxes[obj]
                 tvalid[row, slot] = True
             present[row] = float(bool(tg))
     input_ids, mask = layout_ragged(ids)
-    return {"pixel_values": pool.pixels[picks], "input_ids": input_ids, "attention_mask": mask,
+    return {"pixel_values": np.concatenate(pixels), "input_ids": input_ids, "attention_mask": mask,
             "tmask": tmask, "tbox": tbox, "tvalid": tvalid, "present": present}

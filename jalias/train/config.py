@@ -39,7 +39,7 @@ class TrainConfig:
     steps: int = 7000
     images_per_step: int = 8
     prompts_per_image: int = 4  # half positive phrases, half absent phrases / random tokens
-    pool_size: int = 12_000  # training images rendered once (training_scene(seed, 0..pool_size-1))
+    pool_size: int = 12_000  # distinct training images: training_scene(seed, 0..pool_size-1), rendered on first use
     lr: float = 1e-3
     warmup: int = 300
     final_lr_fraction: float = 0.1  # cosine decay to lr * this
@@ -57,3 +57,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+SHIPPED = TrainConfig()  # the recipe of the shipped weights/small (see weights/README.md)

@@ -148,9 +148,7 @@ def train(train: TrainConfig = TrainConfig(), out: str | os.PathLike = "runs/tra
     if resume and state_path.exists():
         params, opt_state, step, losses = load_state(state_path, (params, opt_state), train)
         log(f"resumed at step {step}/{train.steps}")
-    t0 = time.time()
     pool = build_pool(cfg, train)
-    log(f"rendered {len(pool.scenes)} training scenes in {time.time() - t0:.0f} s")
     reserved = reserved_tokens()
     fn = make_step(cfg, train, opt)
     stopping = {"now": False}
