@@ -1,4 +1,4 @@
-"""The `jalias` command: demo, search, eval, export, convert, train (thin wrappers over jalias.run / jalias.weights).
+"""The `jalias` command: demo, search, eval, export, convert (thin wrappers over jalias.run / jalias.weights).
 
 Heavy modules (jax, the model) are imported inside the commands so that `jalias --help` stays instant.
 Errors print one line on stderr ("error: ...") and exit with status 1; Ctrl-C / SIGTERM exit with 130 after the
@@ -143,6 +143,11 @@ def demo(
     _print_results(summary, out, f"jalias demo ({method}, {budget} evaluations per concept)")
 
 
+PROMPT_MODE_HELP = ("which SAM3 to reproduce: meta (Meta's own: geometry CLS token on every text prompt, token id 0 "
+                    "masked) | hf (transformers' Sam3Model); default meta when the checkpoint has the geometry "
+                    "encoder (HF and Meta checkpoints do), else hf; a resumed run keeps its mode.")
+
+
 @app.command()
 @_handled
 def search(
@@ -167,6 +172,7 @@ def search(
     set_: Optional[List[str]] = typer.Option(None, "--set", help="method option KEY=VALUE, e.g. search_width=64"),
     checkpoint_every: float = typer.Option(5.0, help="seconds between search-state checkpoints"),
     no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar"),
+    prompt_mode: Optional[str] = typer.Option(None, "--prompt-mode", help=PROMPT_MODE_HELP),
 ):
     """Search an alias for each category of a COCO dataset (label baseline, search, held-out evaluation)."""
     from .run.api import search_dataset
@@ -175,7 +181,8 @@ def search(
         weights, annotations, images, categories=_categories(categories), method=method, budget=budget,
         length=length, max_images=max_images, heldout=heldout, negatives=negatives, seed=seed, out=out,
         resume=resume, overwrite=overwrite, chunk_size=chunk_size, init=init, negative_weight=negative_weight,
-        dtype=dtype, options=_options(set_), checkpoint_every=checkpoint_every, progress=not no_progress)
+        dtype=dtype, options=_options(set_), checkpoint_every=checkpoint_every, progress=not no_progress,
+        prompt_mode=prompt_mode)
     _print_results(summary, out, f"jalias search ({method}, {budget} evaluations per category)")
 
 
@@ -194,6 +201,8 @@ def eval_(
     dtype: str = typer.Option("float32", help="compute dtype: float32 | bfloat16"),
     json_out: Optional[str] = typer.Option(None, "--json", help="also write the results as JSON to this file "
                                                                 "('-': print JSON instead of the table)"),
+    prompt_mode: Optional[str] = typer.Option(None, "--prompt-mode", help=PROMPT_MODE_HELP + " Evaluate an alias "
+                                              "in the mode its search ran in (run.json settings.prompt_mode)."),
 ):
     """IoU of one prompt (text or token ids) per image, and the mean, for each category."""
     from rich.table import Table
@@ -206,11 +215,11 @@ def eval_(
     res = evaluate_prompt(weights, annotations, images, prompt=prompt,
                           tokens=_tokens(tokens) if tokens is not None else None,
                           categories=_categories(categories), max_images=max_images, negatives=negatives,
-                          chunk_size=chunk_size, dtype=dtype)
+                          chunk_size=chunk_size, dtype=dtype, prompt_mode=prompt_mode)
     if json_out == "-":
         typer.echo(json.dumps(res, indent=1))
         return
-    table = Table(title=f"prompt {res['prompt']!r} (ids {res['ids']})")
+    table = Table(title=f"prompt {res['prompt']!r} (ids {res['ids']}, prompt mode {res['prompt_mode']})")
     for col in ("category", "image", "IoU"):
         table.add_column(col, justify="right" if col == "IoU" else "left")
     for name, c in res["categories"].items():
@@ -229,13 +238,15 @@ def export(
     run_dir: Path = typer.Argument(..., help="a run directory written by `jalias search` or `jalias demo`"),
     out: Optional[Path] = typer.Option(None, help="output folder (default RUN_DIR/export)"),
     no_pred_masks: bool = typer.Option(False, "--no-pred-masks", help="leave out every query's mask logits"),
+    prompt_mode: Optional[str] = typer.Option(None, "--prompt-mode", help="meta | hf (default: the mode the "
+                                              "run searched in)"),
 ):
     """Teacher targets of a run: alias ids, text features, and per-image masks / logits (.npz + index.json)."""
     from .run.export import export_run
 
     if not (run_dir / "run.json").exists():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no run.json)")
-    path = export_run(run_dir, out, full_masks=not no_pred_masks)
+    path = export_run(run_dir, out, full_masks=not no_pred_masks, prompt_mode=prompt_mode)
     index = json.loads(path.read_text())
     typer.echo(f"exported {len(index['categories'])} categories to {path.parent} (index: {path})")
 
@@ -260,34 +271,3 @@ def main() -> None:  # pragma: no cover - console entry point alternative
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
-@app.command()
-@_handled
-def train(
-    config: str = typer.Option("small", help="model config: small (shipped) | tiny (tests)"),
-    steps: Optional[int] = typer.Option(None, help="training steps (default: the shipped recipe's)"),
-    seed: int = typer.Option(0, help="data and init seed"),
-    out: Path = typer.Option(Path("runs/train-small"), help="training directory (state, final/, metrics.json)"),
-    resume: bool = typer.Option(False, help="continue the run in --out after a kill or Ctrl-C"),
-    dtype: str = typer.Option("bfloat16", help="stored dtype of out/final: bfloat16 | float32"),
-    eval_images: int = typer.Option(8, help="evaluation images per concept for the final skill measurement"),
-    no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar"),
-):
-    """Train the small SAM3 on the procedural world (deterministic from --seed) and write out/final."""
-    from dataclasses import replace
-
-    from .train import TrainError
-    from .train.checkpoint import train_checkpoint
-    from .train.config import SHIPPED
-
-    recipe = replace(SHIPPED, config=config, seed=seed, **({} if steps is None else {"steps": steps}))
-    try:
-        m = train_checkpoint(recipe, out=out, resume=resume, progress=not no_progress, dtype=dtype,
-                             eval_images=eval_images, log=lambda s: typer.echo(s, err=True))
-    except TrainError as e:
-        raise ValueError(str(e)) from None
-    s = m["skill"]
-    typer.echo(f"wrote {out / 'final'} ({m['param_count']:,} params, {dtype}); "
-               f"in-distribution label IoU {s['id_iou']:.3f}, empty on negatives {s['id_empty_rate']:.2f}, "
-               f"OOD label IoU {s['ood_iou']:.3f} (metrics: {out / 'metrics.json'})")
-
-

@@ -302,4 +302,5 @@ def test_geometry_cls_at_real_size():
     ours = np.asarray(module.apply({"params": params}, vision, jpos))[0, 0]
     err = rel_err(ours, ref[0, 0].numpy())
     assert np.abs(jpos - pos.flatten(2).permute(0, 2, 1).numpy()).max() < 1e-5  # same sine embedding
+    print(f"geometry CLS at real size: rel err {err:.3g}")
     assert err <= STAGE_RTOL, f"geometry CLS at real size: rel err {err:.3g}"

@@ -25,14 +25,16 @@ def search_dataset(weights: str, annotations: str | os.PathLike, images: str | o
                    overwrite: bool = False, chunk_size: int | None = None, init: str = "random",
                    negative_weight: float = 0.5, dtype: str = "float32", options: dict | None = None,
                    checkpoint_every: float = 5.0, report: bool = True, progress: bool = True, console=None,
-                   model=None, overlay_rows: int = 6) -> dict:
+                   model=None, overlay_rows: int = 6, prompt_mode: str | None = None) -> dict:
     """Search an alias for each category of a COCO dataset; returns the all_results.json dict.
 
     weights: checkpoint path or name (see `jalias.run.model.load_model`); categories: names (None: all with
     masks); budget: candidate-image evaluations per category; max_images: positives (and the negative pool) per
     category; heldout: fraction of images held out of the search; negatives: negative images per category;
     options: method config fields (e.g. {"search_width": 64}); checkpoint_every: seconds between state writes;
-    model: an already loaded model for `weights` (skips loading). Results are written to `out`.
+    model: an already loaded model for `weights` (skips loading). prompt_mode: "meta" | "hf" | None (the model's
+    default; on resume, the mode the run was started with); run.json records the mode used. Results are written
+    to `out`.
     """
     from ..data import load_coco
 
@@ -41,11 +43,13 @@ def search_dataset(weights: str, annotations: str | os.PathLike, images: str | o
         images=str(Path(images).resolve()), categories=list(categories) if categories else None, method=method,
         budget=int(budget), length=int(length), max_images=max_images, heldout=float(heldout),
         negatives=int(negatives), seed=int(seed), init=init, negative_weight=float(negative_weight), dtype=dtype,
-        options=dict(options or {}))
+        options=dict(options or {}), prompt_mode=prompt_mode)
     settings.validate()
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk-size must be >= 1, got {chunk_size}")
     run = RunDir(out)
+    if resume and prompt_mode is None and run.run_json.exists():
+        settings.prompt_mode = run.read_settings().prompt_mode  # continue in the mode the run started with
     run.prepare(settings, resume, overwrite)
     log = run.log
     try:
@@ -54,10 +58,15 @@ def search_dataset(weights: str, annotations: str | os.PathLike, images: str | o
         cats = [{"name": c.name, "slug": slugify(c.name, taken)} for c in concepts]
         run.set_categories(cats)
         if model is None:
-            model, note = load_model(settings.weights, settings.dtype)
+            model, note = load_model(settings.weights, settings.dtype, settings.prompt_mode)
             if note:
                 log(note)
-        log(f"model: {model.num_params:,} params, image size {model.config.image_size}, {settings.dtype}")
+        model = model.with_prompt_mode(settings.prompt_mode)
+        if settings.prompt_mode is None:
+            settings.prompt_mode = model.prompt_mode
+            run.record_settings(settings)
+        log(f"model: {model.num_params:,} params, image size {model.config.image_size}, {settings.dtype}, "
+            f"prompt mode {model.prompt_mode}")
         kill = KillSwitch()
         with Progress(progress, console) as bar:
             for k, (cd, cat) in enumerate(zip(concepts, cats)):
@@ -143,8 +152,10 @@ def evaluate_prompt(weights: str, annotations: str | os.PathLike, images: str | 
                     prompt: str | None = None, tokens: Sequence[int] | None = None,
                     categories: Sequence[str] | None = None, max_images: int | None = None, negatives: int = 0,
                     chunk_size: int | None = None, dtype: str = "float32", threshold: float = 0.5,
-                    model=None) -> dict:
+                    model=None, prompt_mode: str | None = None) -> dict:
     """IoU of one prompt (text, or content token ids) on every image of each category.
+
+    prompt_mode: "meta" | "hf" | None (the model's default); evaluate an alias in the mode it was searched in.
 
     Returns {"prompt", "ids", "categories": {name: {"images": [{"image_id", "negative", "iou"}], "mean_iou",
     "negatives_empty"}}, "mean_iou"} (mean over categories of the per-category mean over positives).
@@ -154,7 +165,8 @@ def evaluate_prompt(weights: str, annotations: str | os.PathLike, images: str | 
 
     ids = _prompt_ids(prompt, tokens)
     if model is None:
-        model, _ = load_model(weights_spec(str(weights)), dtype)
+        model, _ = load_model(weights_spec(str(weights)), dtype, prompt_mode)
+    model = model.with_prompt_mode(prompt_mode)
     settings = RunSettings(weights=str(weights), annotations=str(annotations), images=str(images),
                            negatives=negatives, threshold=threshold)
     log = lambda msg: None  # noqa: E731 - nothing to log to outside a run directory
@@ -170,5 +182,6 @@ def evaluate_prompt(weights: str, annotations: str | os.PathLike, images: str | 
             "negatives_empty": mean(iou[split.is_negative] == 1.0) if split.is_negative.any() else None,
         }
         del engine
-    return clean({"prompt": prompt if prompt is not None else detokenize(ids), "ids": ids, "categories": cats,
+    return clean({"prompt": prompt if prompt is not None else detokenize(ids), "ids": ids,
+                  "prompt_mode": model.prompt_mode, "categories": cats,
                   "mean_iou": mean([c["mean_iou"] for c in cats.values() if c["mean_iou"] is not None])})

@@ -3,7 +3,7 @@
 `jalias export RUN_DIR` writes, for every finished category of a run, the alias and what SAM3 does with it, as
 targets for distilling the alias into another model. Output folder (default RUN_DIR/export/):
 
-    index.json          {"format": "jalias.export", "version": 1, "run_dir", "weights", "threshold",
+    index.json          {"format": "jalias.export", "version": 1, "run_dir", "weights", "prompt_mode", "threshold",
                          "model": {"image_size", "mask_size" (m), "num_queries" (Q), "text_width" (Ct),
                                    "prompt_width" (D), "context_length" (T)},
                          "keys": {npz key: description}, "categories": [{"category", "file", "label",
@@ -17,7 +17,9 @@ targets for distilling the alias into another model. Output folder (default RUN_
       input_ids         int32[T]         the alias laid out as SAM3's prompt: START ids END PAD...
       attention_mask    int32[T]         1 on START..END
       prompt_features   float32[T, D]    text encoder output after text_projection (what the detector reads;
-                                         rows where attention_mask == 0 are padding)
+                                         rows where attention_mask == 0 are padding; in prompt mode "meta"
+                                         the detector also reads the image's geometry CLS token, and rows
+                                         of id 0 are masked)
       token_embeddings  float32[L, Ct]   CLIP token embeddings of alias_ids (before position embeddings)
       image_ids         str[K]           COCO file_name of each image
       split             str[K]           "search" | "heldout"
@@ -131,8 +133,11 @@ def export_category(model, path: str | os.PathLike, alias_ids: Sequence[int], la
 
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, full_masks: bool = True,
-               model=None) -> Path:
+               model=None, prompt_mode: str | None = None) -> Path:
     """Export every finished category of a run directory (see module docstring); returns the index.json path.
+
+    The teacher targets are computed in the prompt mode the run searched in (run.json), unless prompt_mode says
+    otherwise.
 
     The model, images and ground truth are rebuilt from what the run recorded (run.json, <category>.json).
     model: an already loaded model for the run's weights (default: load them).
@@ -145,7 +150,8 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
     out = Path(out) if out is not None else run.path / "export"
     out.mkdir(parents=True, exist_ok=True)
     if model is None:
-        model, _ = load_model(settings.weights, settings.dtype)
+        model, _ = load_model(settings.weights, settings.dtype, settings.prompt_mode)
+    model = model.with_prompt_mode(settings.prompt_mode if prompt_mode is None else prompt_mode)
     cfg = model.config
     entries = []
     for res in finished:
@@ -165,6 +171,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
         "version": EXPORT_VERSION,
         "run_dir": str(run.path.resolve()),
         "weights": settings.weights,
+        "prompt_mode": model.prompt_mode,
         "threshold": settings.threshold,
         "full_masks": full_masks,
         "model": {"image_size": cfg.image_size, "mask_size": 4 * grid, "num_queries": cfg.decoder.num_queries,

@@ -31,9 +31,10 @@ def tiny_model():
     return Sam3(cfg, params, dtype="float32")
 
 
-def load_model(weights: str, dtype: str | None = "float32"):
+def load_model(weights: str, dtype: str | None = "float32", prompt_mode: str | None = None):
     """-> (Sam3, note). `weights`: a checkpoint path (Orbax dir, HF dir, .safetensors, .bin, Meta .pt), a name
     under weights/ or $JALIAS_WEIGHTS, or "tiny" (embedded checkpoint, built in memory if it is absent).
+    prompt_mode: "meta" | "hf" | None (the model's default: "meta" when it has the geometry encoder).
     note: a one-line remark for the user, or "" (e.g. that the tiny model was built in memory)."""
     from ..weights.convert import load, resolve
 
@@ -45,10 +46,10 @@ def load_model(weights: str, dtype: str | None = "float32"):
         if path is None:
             if dtype not in (None, "float32"):
                 raise ValueError("the in-memory tiny model computes in float32 only")
-            return tiny_model(), ("weights/tiny not found (non-editable install): built the same tiny random "
+            return tiny_model().with_prompt_mode(prompt_mode), ("weights/tiny not found (non-editable install): built the same tiny random "
                                   "model in memory")
-        return load(path, dtype=dtype), ""
-    return load(weights, dtype=dtype), ""
+        return load(path, dtype=dtype, prompt_mode=prompt_mode), ""
+    return load(weights, dtype=dtype, prompt_mode=prompt_mode), ""
 
 
 def weights_spec(weights: str) -> str:

@@ -198,7 +198,8 @@ def _html(doc: dict, results: list[dict]) -> str:
            f"<style>{_CSS}</style></head><body>", "<h1>jalias run report</h1>",
            f"<p>Method <b>{e(str(s['method']))}</b>, budget {s['budget']} evaluations per category, "
            f"{s['length']} tokens, seed {s['seed']}, held-out fraction {s['heldout']:.2g}, "
-           f"{s['negatives']} negative images per category.<br>Weights <code>{e(str(s['weights']))}</code>, "
+           f"{s['negatives']} negative images per category, prompt mode {e(str(s.get('prompt_mode', 'hf')))}.<br>"
+           f"Weights <code>{e(str(s['weights']))}</code>, "
            f"annotations <code>{e(str(s['annotations']))}</code>.</p>",
            "<table><tr><th>concept</th><th>label</th><th>label IoU search</th><th>label IoU held-out</th>"
            "<th>alias</th><th>alias IoU search</th><th>alias IoU held-out</th><th>evals</th><th>seconds</th></tr>"]

@@ -43,6 +43,9 @@ class RunSettings:
     dtype: str = "float32"
     options: dict = field(default_factory=dict)  # method-specific config fields, e.g. {"search_width": 64}
     threshold: float = 0.5
+    # "meta" | "hf": which reference SAM3 scores follow (see jalias.model.sam3). None until the model is loaded
+    # (then its default); run.json always records the mode used. Runs recorded before modes existed were "hf".
+    prompt_mode: str | None = None
 
     def validate(self) -> None:
         from ..search import METHODS
@@ -64,6 +67,8 @@ class RunSettings:
             raise ValueError(f"init must be 'random' or 'label', got {self.init!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.prompt_mode not in (None, "meta", "hf"):
+            raise ValueError(f"prompt mode must be meta or hf, got {self.prompt_mode!r}")
         cls = METHODS[self.method].config_cls
         # fields set from the settings themselves cannot be overridden through options
         fixed = {"length", "budget", "seed", "negative_weight", "init", "label_ids"}
@@ -89,7 +94,7 @@ class RunSettings:
     @classmethod
     def from_dict(cls, d: dict) -> "RunSettings":
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**{"prompt_mode": "hf", **{k: v for k, v in d.items() if k in names}})
 
 
 def slugify(name: str, taken: set[str]) -> str:
@@ -154,6 +159,12 @@ class RunDir:
                                           "jalias_version": version(), "created": now(),
                                           "settings": settings.to_dict(), "categories": None})
         self.log(f"new run (jalias {version()}): {json.dumps(settings.to_dict())}")
+
+    def record_settings(self, settings: RunSettings) -> None:
+        """Rewrite run.json's settings (e.g. once the prompt mode is resolved from the loaded model)."""
+        doc = self.read_run()
+        doc["settings"] = settings.to_dict()
+        write_json_atomic(self.run_json, doc)
 
     def clear(self) -> None:
         """Delete a previous run's outputs: only the files a run writes (data/ of the demo is kept)."""
