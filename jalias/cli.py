@@ -1,4 +1,4 @@
-"""The `jalias` command: demo, search, eval, export, convert (thin wrappers over jalias.run / jalias.weights).
+"""The `jalias` command: demo, search, eval, export, convert, train (thin wrappers over jalias.run / jalias.weights).
 
 Heavy modules (jax, the model) are imported inside the commands so that `jalias --help` stays instant.
 Errors print one line on stderr ("error: ...") and exit with status 1; Ctrl-C / SIGTERM exit with 130 after the
@@ -271,3 +271,34 @@ def main() -> None:  # pragma: no cover - console entry point alternative
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+@app.command()
+@_handled
+def train(
+    config: str = typer.Option("small", help="model config: small (shipped) | tiny (tests)"),
+    steps: Optional[int] = typer.Option(None, help="training steps (default: the shipped recipe's)"),
+    seed: int = typer.Option(0, help="data and init seed"),
+    out: Path = typer.Option(Path("runs/train-small"), help="training directory (state, final/, metrics.json)"),
+    resume: bool = typer.Option(False, help="continue the run in --out after a kill or Ctrl-C"),
+    dtype: str = typer.Option("bfloat16", help="stored dtype of out/final: bfloat16 | float32"),
+    eval_images: int = typer.Option(8, help="evaluation images per concept for the final skill measurement"),
+    no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar"),
+):
+    """Train the small SAM3 on the procedural world (deterministic from --seed) and write out/final."""
+    from dataclasses import replace
+
+    from .train import TrainError
+    from .train.checkpoint import train_checkpoint
+    from .train.config import SHIPPED
+
+    recipe = replace(SHIPPED, config=config, seed=seed, **({} if steps is None else {"steps": steps}))
+    try:
+        m = train_checkpoint(recipe, out=out, resume=resume, progress=not no_progress, dtype=dtype,
+                             eval_images=eval_images, log=lambda s: typer.echo(s, err=True))
+    except TrainError as e:
+        raise ValueError(str(e)) from None
+    s = m["skill"]
+    typer.echo(f"wrote {out / 'final'} ({m['param_count']:,} params, {dtype}); "
+               f"in-distribution label IoU {s['id_iou']:.3f}, empty on negatives {s['id_empty_rate']:.2f}, "
+               f"OOD label IoU {s['ood_iou']:.3f} (metrics: {out / 'metrics.json'})")
+
+
