@@ -482,3 +482,32 @@ def test_orbax_config_not_matching_params_is_one_line(ref, tmp_path):
         load(dst)
     msg = str(e.value)
     assert "\n" not in msg and "shape" in msg and "expected" in msg and str(dst) in msg, msg
+
+
+def test_hf_checkpoint_with_geometry_encoder_is_meta_by_default_and_hf_matches_torch(tmp_path):
+    """A real HF checkpoint carries the geometry encoder: it converts with its CLS-path weights, loads in "meta"
+    mode by default, and in "hf" mode still equals transformers' Sam3Model (which skips the CLS token)."""
+    cfg = dataclasses.replace(tiny_config(), geometry=GeometryConfig(32, 2, 2, 64))
+    torch.manual_seed(0)
+    hm = transformers.Sam3Model(transformers.Sam3Config(**cfg.to_hf_dict())).eval()
+    params = random_params(cfg, seed=SEED, presence_bias=2.0)
+    result = hm.load_state_dict({k: torch.from_numpy(v) for k, v in params_to_state_dict(params).items()},
+                                strict=False)
+    assert not result.unexpected_keys and any(k.startswith("geometry_encoder.cls_embed") for k in
+                                              params_to_state_dict(params))
+    hm.save_pretrained(tmp_path / "hf")
+    model = load(convert(tmp_path / "hf", tmp_path / "orbax", progress=False))
+    assert model.config == cfg and model.prompt_mode == "meta"
+    ids, mask = tokenize(PROMPTS)
+    px = np.random.default_rng(1).normal(size=(3, 3, 56, 56)).astype(np.float32)
+    with torch.no_grad():
+        ref = hm(pixel_values=torch.from_numpy(px), input_ids=torch.from_numpy(ids).long(),
+                 attention_mask=torch.from_numpy(mask).long())
+    hf = model.with_prompt_mode("hf")
+    got = hf(px, ids, mask)
+    for name in ("pred_logits", "pred_boxes", "presence_logits"):
+        err = float(np.abs(np.asarray(got[name]) - getattr(ref, name).numpy()).max())
+        assert err <= SCORE_ATOL, f"hf mode {name}: {err:.3g}"
+    assert mask_iou(np.asarray(got["pred_masks"]), ref.pred_masks.numpy()).min() >= MIN_IOU
+    meta = np.asarray(model(px, ids, mask)["pred_logits"])
+    assert np.abs(meta - ref.pred_logits.numpy()).max() > 10 * SCORE_ATOL  # the CLS token changes the output
