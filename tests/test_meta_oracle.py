@@ -113,6 +113,20 @@ def test_converted_model_is_meta_mode(oracle):
     assert "geometry_encoder" in oracle.model.params
 
 
+def test_layer_norm_eps_is_metas(oracle):
+    """Every LayerNorm eps of Meta's modules equals the one meta_config() (and this test's config) uses."""
+    from jalias.model.config import meta_config
+
+    full = meta_config()
+    parts = {"vision": (oracle.meta.backbone.vision_backbone.trunk, full.vision.backbone.layer_norm_eps),
+             "text": (oracle.meta.backbone.language_backbone, full.text.layer_norm_eps),
+             "geometry": (oracle.meta.geometry_encoder, full.geometry.layer_norm_eps)}
+    for name, (module, eps) in parts.items():
+        found = {m.eps for m in module.modules() if isinstance(m, torch.nn.LayerNorm)}
+        assert found == {eps}, f"{name}: Meta's LayerNorm eps {found}, meta_config() {eps}"
+    assert oracle.cfg.vision.backbone.layer_norm_eps == full.vision.backbone.layer_norm_eps == 1e-5
+
+
 def test_reference_is_prompt_sensitive(oracle):
     for i in range(len(oracle.images)):
         logits = np.stack([oracle.ref[(i, p)]["out"]["pred_logits"][0, :, 0].numpy() for p in PROMPTS])
