@@ -4,7 +4,7 @@ import re
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "jalias"
-ORDER = ["model", "weights", "engine", "search", "data", "train", "run", "cli"]  # the README's data-flow order
+ORDER = ["model", "weights", "engine", "search", "data", "train", "adapt", "run", "cli"]  # the README's data-flow order
 IMPORT = re.compile(r"^\s*(?:from\s+(?:\.\.|jalias\.)(\w+)|import\s+jalias\.(\w+))", re.M)
 
 

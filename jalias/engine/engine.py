@@ -86,7 +86,9 @@ class Engine:
         self.vocab_size = model.config.text.vocab_size
         self.threshold = float(threshold)
         self.negative_weight = float(negative_weight)
-        self.prefix_cache = prefix_cache
+        # a model whose token embeddings depend on the whole prompt (jalias.adapt's embed adapters) cannot reuse
+        # another prompt's cached prefix
+        self.prefix_cache = prefix_cache and getattr(model, "prefix_cacheable", True)
         self.evals = 0
         self.is_negative = np.zeros(len(images), bool) if negative is None else np.asarray(negative, bool)
         if self.is_negative.shape != (len(images),):

@@ -1,0 +1,90 @@
+"""The adaptation recipe (`AdaptConfig`, one frozen dataclass; every knob is a field) and the one error type."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+KINDS = ("embed", "lora")
+TEACHERS = ("alias", "gt")
+
+# LoRA target presets: fnmatch patterns over Dense module paths ("/"-joined param path without "kernel")
+LORA_PRESETS = {
+    # CLIP self-attention projections (the classic LoRA targets)
+    "text": ("text_encoder/*/self_attn/q_proj", "text_encoder/*/self_attn/k_proj",
+             "text_encoder/*/self_attn/v_proj", "text_encoder/*/self_attn/out_proj"),
+    # ... plus the keys/values the fusion encoder and the decoder read from the prompt
+    "text+fusion": ("text_encoder/*/self_attn/q_proj", "text_encoder/*/self_attn/k_proj",
+                    "text_encoder/*/self_attn/v_proj", "text_encoder/*/self_attn/out_proj",
+                    "detr_encoder/*/cross_attn/k_proj", "detr_encoder/*/cross_attn/v_proj",
+                    "detr_decoder/*/text_cross_attn/k_proj", "detr_decoder/*/text_cross_attn/v_proj"),
+}
+# modules that read only the prompt, or the prompt inside detect: never the cached image side
+PROMPT_SIDE = ("text_encoder/", "text_projection", "detr_encoder/layers_", "detr_decoder/layers_",
+               "mask_decoder/prompt_cross_attn/")
+
+
+class AdaptError(ValueError):
+    """Bad adaptation input (one-line message): wrong run dir, adapter for another model, no alias, ..."""
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    """How an adapter is trained. The same optimiser, steps and loss code serve both teachers.
+
+    kind: "embed" (replacement embeddings for the label's tokens, used only when the prompt is exactly the label)
+    or "lora" (low-rank updates W + scale * A @ B of the `targets` Dense kernels; base weights frozen).
+    teacher: "alias" (distil the alias's outputs on the search images) or "gt" (the ground-truth masks).
+    Loss (see `loss.adapter_loss`): w_query * query-logit BCE + w_presence * presence BCE + w_union * (BCE + dice
+    of the soft union mask); the gt teacher has no per-query target, so its w_query is 0.
+    """
+
+    kind: str = "embed"
+    teacher: str = "alias"
+    steps: int = 200
+    lr: float = 0.05  # embed; lora uses lr_lora
+    lr_lora: float = 5e-3
+    warmup: int = 10
+    clip_norm: float = 1.0
+    rank: int = 4
+    alpha: float = 4.0  # LoRA scale = alpha / rank
+    targets: str = "text"  # a LORA_PRESETS name or comma-separated fnmatch patterns
+    w_query: float = 1.0
+    w_presence: float = 1.0
+    w_union: float = 1.0
+    threshold: float = 0.5  # the prediction rule's keep threshold (teacher masks, evaluation)
+    remat: bool = True  # gradient checkpointing of each image's detect pass
+    seed: int = 0  # LoRA init
+    checkpoint_every_s: float = 30.0
+
+    def validate(self) -> "AdaptConfig":
+        if self.kind not in KINDS:
+            raise AdaptError(f"adapter kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.teacher not in TEACHERS:
+            raise AdaptError(f"teacher must be one of {', '.join(TEACHERS)}, got {self.teacher!r}")
+        if self.steps < 0:
+            raise AdaptError(f"steps must be >= 0, got {self.steps}")
+        if not self.lr_for() > 0:
+            raise AdaptError(f"learning rate must be > 0, got {self.lr_for()}")
+        if self.kind == "lora" and self.rank < 1:
+            raise AdaptError(f"LoRA rank must be >= 1, got {self.rank}")
+        self.target_patterns()
+        return self
+
+    def lr_for(self) -> float:
+        return self.lr if self.kind == "embed" else self.lr_lora
+
+    def target_patterns(self) -> tuple[str, ...]:
+        if self.targets in LORA_PRESETS:
+            return LORA_PRESETS[self.targets]
+        pats = tuple(p.strip() for p in self.targets.split(",") if p.strip())
+        if not pats:
+            raise AdaptError(f"no LoRA targets in {self.targets!r} (presets: {', '.join(LORA_PRESETS)})")
+        return pats
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AdaptConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})

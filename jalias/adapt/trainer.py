@@ -1,0 +1,211 @@
+"""Training one adapter with optax: one jitted step for both teachers, a progress bar, resumable state.
+
+    from jalias.adapt import AdaptConfig, alias_targets, image_contexts, teacher_outputs, train_adapter
+    ctx = image_contexts(model, images)                                   # [K, ...] search images
+    targets = alias_targets(ctx, teacher_outputs(model, alias_ids, ctx), cfg)   # or gt_targets(...)
+    adapter = train_adapter(model, label_ids, targets, cfg, label="kiwi")
+
+Each step sees every training image (full batch), so the run is a pure function of (model, targets, config): a
+run resumed from its saved state ends with the same adapter, bit for bit, as an uninterrupted one. The optimiser
+state holds the adapter params only (the base params are a non-differentiated argument of the step). Each image's
+detect pass is rematerialised in the backward pass (`AdaptConfig.remat`), so activations are held for one image
+at a time.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ..engine.predict import layout
+from ..model.sam3 import Sam3
+from .adapters import Adapter, fresh_embed, fresh_lora, lora_targets, merge_lora, model_fingerprint, substitute
+from .config import AdaptConfig, AdaptError
+from .loss import Targets, image_loss
+from .store import load_state, save_state
+
+_STEPS: dict = {}  # (model id, kind, label ids, scale, remat, optimiser) -> jitted step (shared by both teachers)
+
+
+def optimizer(cfg: AdaptConfig) -> optax.GradientTransformation:
+    """Adam with linear warmup then cosine decay to 10% of the rate, after global-norm clipping."""
+    lr = cfg.lr_for()
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(cfg.warmup, 1), max(cfg.steps, cfg.warmup + 1), lr * 0.1)
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.adam(sched))
+
+
+def prompt_features(model: Sam3, kind: str, label_ids: Sequence[int], params: dict, base_params: dict,
+                    scale: float, ids, mask):
+    """The label prompt's features [1, T, D] with the adapter params, and the params detect runs with."""
+    if kind == "embed":
+        emb = substitute(model.apply("embed_tokens", ids, params=base_params), ids, label_ids, params["rows"])
+        return model.apply("encode_text", emb, mask, params=base_params)[0], base_params
+    merged = merge_lora(base_params, params, scale)
+    return model.apply("text_features", ids, mask, params=merged), merged
+
+
+def make_step(model: Sam3, cfg: AdaptConfig, label_ids: Sequence[int]) -> SimpleNamespace:
+    """.step: jit(step)(params, opt_state, base_params, ids, mask, detect_mask, ctx, targets, weights)
+    -> (params, opt_state, loss, parts[3]); .loss: jit(loss_fn)(params, base_params, ...) -> (loss, parts).
+    One function (and one compiled program per shape) for both
+    teachers: the teacher only changes the target arrays and the term weights, which are arguments."""
+    scale = cfg.alpha / cfg.rank if cfg.kind == "lora" else 0.0
+    key = (id(model), model.prompt_mode, cfg.kind, tuple(label_ids), scale, cfg.remat, cfg.lr_for(), cfg.steps,
+           cfg.warmup, cfg.clip_norm)
+    if key in _STEPS:
+        return _STEPS[key]
+    opt = optimizer(cfg)
+
+    def loss_fn(params, base_params, ids, mask, dmask, ctx, targets, weights):
+        prompt, det_params = prompt_features(model, cfg.kind, label_ids, params, base_params, scale, ids, mask)
+
+        def one(args):
+            c, t = args
+            c = jax.tree_util.tree_map(lambda x: x[None], c)
+            out = model.apply("detect_fast", c, prompt, dmask, params=det_params)
+            return image_loss(out, t, weights)
+
+        if cfg.remat:
+            one = jax.checkpoint(one)
+        losses, parts = jax.lax.map(one, (ctx, targets))
+        return jnp.mean(losses), jnp.mean(parts, axis=0)
+
+    def step(params, opt_state, base_params, ids, mask, dmask, ctx, targets, weights):
+        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, base_params, ids, mask, dmask,
+                                                                        ctx, targets, weights)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, parts
+
+    _STEPS[key] = SimpleNamespace(step=jax.jit(step), loss=jax.jit(loss_fn))
+    return _STEPS[key]
+
+
+def fresh_params(model: Sam3, cfg: AdaptConfig, label_ids: Sequence[int]) -> tuple[dict, tuple[str, ...]]:
+    if cfg.kind == "embed":
+        return fresh_embed(model, label_ids), ()
+    targets = tuple(lora_targets(model, cfg.target_patterns()))
+    return fresh_lora(model, targets, cfg.rank, cfg.seed), targets
+
+
+def _bar(enabled: bool, total: int, done: int, title: str):
+    if not enabled:
+        return None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=Console(stderr=True))
+    bar.start()
+    bar.task = bar.add_task(title, total=total, completed=done, loss="-")
+    return bar
+
+
+def train_adapter(model: Sam3, label_ids: Sequence[int], targets: Targets, cfg: AdaptConfig, label: str = "",
+                  category: str = "", state_dir: str | Path | None = None, resume: bool = False,
+                  progress: bool = True, log: Callable[[str], None] | None = None,
+                  stop_after: int | None = None) -> Adapter:
+    """Train an adapter so that prompting `model` with label_ids reproduces `targets` (loss: `loss.py`).
+
+    model: the base model (not an AdaptedSam3); label_ids: the label's content ids; state_dir: where the
+    training state is saved (every cfg.checkpoint_every_s seconds, on Ctrl-C / SIGTERM and at the end); resume:
+    continue from it (AdaptError if it belongs to another model, label, teacher or config); stop_after: stop (as
+    if interrupted: state saved, KeyboardInterrupt) once this many steps are done (tests).
+    Returns the Adapter; metrics: loss_first (before any update), loss_last, loss per step ("losses").
+    """
+    cfg.validate()
+    if getattr(model, "base", None) is not None:
+        raise AdaptError("train an adapter on the base model, not on a model with adapters applied")
+    label_ids = tuple(int(i) for i in label_ids)
+    if not label_ids:
+        raise AdaptError(f"label {label!r} has no tokens")
+    fp = model_fingerprint(model)
+    params, lora_paths = fresh_params(model, cfg, label_ids)
+    opt = optimizer(cfg)
+    opt_state = opt.init(params)
+    owner = {"fingerprint": fp, "label_ids": list(label_ids), "teacher": targets.teacher, "config": cfg.to_dict(),
+             "prompt_mode": model.prompt_mode}
+    start, losses, parts_log = 0, [], []
+    state_dir = Path(state_dir) if state_dir is not None else None
+    if resume and state_dir is not None:
+        got = load_state(state_dir, opt_state, cfg.kind)
+        if got is not None:
+            saved_params, saved_opt, meta = got
+            if meta.get("owner") != owner:
+                diff = [k for k in owner if meta.get("owner", {}).get(k) != owner[k]]
+                raise AdaptError(f"the training state in {state_dir} is for another {'/'.join(diff)} (start over "
+                                 f"without --resume)")
+            params = jax.tree_util.tree_map(jnp.asarray, saved_params)
+            opt_state = jax.tree_util.tree_map(jnp.asarray, saved_opt)
+            start, losses, parts_log = int(meta["step"]), list(meta["losses"]), list(meta["parts"])
+            if log:
+                log(f"resumed {label or label_ids} at step {start}/{cfg.steps}")
+    step = make_step(model, cfg, label_ids)
+    input_ids, mask = layout([label_ids], model.config.context_length)
+    ids, mask = jnp.asarray(input_ids), jnp.asarray(mask)
+    dmask = jnp.asarray(model.prompt_mask(input_ids, np.asarray(mask)))
+    arrays, weights = targets.arrays(), jnp.asarray(targets.weights)
+    args = (model.params, ids, mask, dmask, targets.ctx, arrays, weights)
+
+    def save(done: int):
+        if state_dir is not None:
+            save_state(state_dir, params, opt_state, {"owner": owner, "step": done, "losses": losses,
+                                                      "parts": parts_log}, cfg.kind)
+
+    bar = _bar(progress, cfg.steps, start, f"adapt {label or list(label_ids)} ({cfg.kind}, {targets.teacher})")
+    old = _sigterm_as_interrupt()
+    last_save = time.monotonic()
+    try:
+        for i in range(start, cfg.steps):
+            if stop_after is not None and i >= stop_after:
+                raise KeyboardInterrupt
+            params, opt_state, loss, parts = step.step(params, opt_state, *args)
+            losses.append(float(loss))
+            parts_log.append([float(x) for x in parts])
+            if bar is not None:
+                bar.update(bar.task, completed=i + 1, loss=f"{losses[-1]:.4f}")
+            if time.monotonic() - last_save > cfg.checkpoint_every_s:
+                save(i + 1)
+                last_save = time.monotonic()
+    except KeyboardInterrupt:
+        save(len(losses))
+        raise
+    finally:
+        if bar is not None:
+            bar.stop()
+        _restore_sigterm(old)
+    save(cfg.steps)
+    final = float(step.loss(params, *args)[0])
+    first = losses[0] if losses else final
+    metrics = {"loss_first": first, "loss_last": final, "losses": losses,
+               "loss_parts_last": parts_log[-1] if parts_log else None}
+    return Adapter(kind=cfg.kind, label=label, label_ids=label_ids,
+                   params=jax.tree_util.tree_map(np.asarray, params), fingerprint=fp, category=category,
+                   teacher=targets.teacher, steps=cfg.steps, rank=cfg.rank if cfg.kind == "lora" else 0,
+                   alpha=cfg.alpha if cfg.kind == "lora" else 0.0, targets=lora_paths,
+                   prompt_mode=model.prompt_mode, metrics=metrics)
+
+
+def _sigterm_as_interrupt():
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return None
+
+
+def _restore_sigterm(old) -> None:
+    if old is not None:
+        try:
+            signal.signal(signal.SIGTERM, old)
+        except ValueError:
+            pass
