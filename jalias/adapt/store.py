@@ -163,3 +163,14 @@ def load_state(path: Path, opt_like: Any, kind: str) -> tuple[dict, Any, dict] |
     like = jax.tree_util.tree_leaves(opt_like)
     leaves = [np.asarray(x, np.asarray(ref).dtype).reshape(np.shape(ref)) for x, ref in zip(leaves, like)]
     return _decode(tree["params"], kind), jax.tree_util.tree_unflatten(treedef, leaves), meta
+
+
+def load(path: str | os.PathLike, adapter: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+         **kwargs):
+    """`jalias.load`: `jalias.weights.load(path, **kwargs)` with adapters applied (an adapter directory, a folder
+    of them, or a list of either); AdaptError when an adapter was trained for another model or config."""
+    from ..weights.convert import load as load_weights
+    from .adapters import apply_adapters
+
+    model = load_weights(path, **kwargs)
+    return apply_adapters(model, load_adapters(adapter)) if adapter is not None else model

@@ -32,7 +32,7 @@ from .config import AdaptConfig, AdaptError
 from .loss import Targets, image_loss
 from .store import load_state, save_state
 
-_STEPS: dict = {}  # (model id, kind, label ids, scale, remat, optimiser) -> jitted step (shared by both teachers)
+_STEPS: dict = {}  # (config, dtype, mode, kind, label ids, scale, remat, optimiser) -> step shared by both teachers
 
 
 def optimizer(cfg: AdaptConfig) -> optax.GradientTransformation:
@@ -58,8 +58,9 @@ def make_step(model: Sam3, cfg: AdaptConfig, label_ids: Sequence[int]) -> Simple
     One function (and one compiled program per shape) for both
     teachers: the teacher only changes the target arrays and the term weights, which are arguments."""
     scale = cfg.alpha / cfg.rank if cfg.kind == "lora" else 0.0
-    key = (id(model), model.prompt_mode, cfg.kind, tuple(label_ids), scale, cfg.remat, cfg.lr_for(), cfg.steps,
-           cfg.warmup, cfg.clip_norm)
+    # models with the same config, dtype, mode and attention share a step (params are arguments, not constants)
+    key = (model.config.to_json(), model.dtype.name, model.prompt_mode, repr(model.attention), cfg.kind,
+           tuple(label_ids), scale, cfg.remat, cfg.lr_for(), cfg.steps, cfg.warmup, cfg.clip_norm)
     if key in _STEPS:
         return _STEPS[key]
     opt = optimizer(cfg)

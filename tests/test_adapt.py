@@ -1,0 +1,295 @@
+"""`jalias adapt`: embed / LoRA adapters trained from a run's alias (alias teacher) or its ground truth (gt teacher).
+
+Everything runs on the embedded tiny model and one small search run (one category, 64x64 images); the embed tests
+share one config so one training step is compiled. References are independent of the code under test: token
+embeddings rebuilt by hand from the table, LoRA kernels merged in numpy, the loss restated in numpy, IoUs from
+the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import jalias
+from jalias.adapt import (AdaptConfig, AdaptedSam3, AdaptError, alias_targets, apply_adapters, gt_targets,
+                          image_contexts, load_adapter, make_step, save_adapter, teacher_outputs, train_adapter)
+from jalias.adapt.adapters import Adapter, fresh_lora, lora_targets, model_fingerprint
+from jalias.cli import app
+from jalias.data import load_coco, make_dataset, write_coco
+from jalias.engine import Engine
+from jalias.engine.predict import layout
+from jalias.model.sam3 import Sam3
+from jalias.run.model import load_model
+from jalias.run.rundir import RunDir
+from jalias.run.splits import rebuild_inputs
+from jalias.tokenizer import encode
+
+RUNNER = CliRunner()
+STEPS = 30
+CFG = AdaptConfig(steps=STEPS)  # the CLI's defaults with --steps 30: one compiled step for every embed test
+
+
+def invoke(*args):
+    return RUNNER.invoke(app, [str(a) for a in args])
+
+
+def error_line(result) -> str:
+    assert result.exit_code == 1, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A finished one-category search run on the tiny model (its alias beats the label)."""
+    root = tmp_path_factory.mktemp("adapt")
+    ann, images = write_coco(make_dataset(5, 64, ["striped_blob"], seed=1), root / "coco")
+    out = root / "run"
+    result = invoke("search", "--weights", "tiny", "--annotations", ann, "--images", images, "--out", out,
+                    "--method", "local", "--budget", "120", "--length", "3", "--max-images", "4", "--heldout",
+                    "0.25", "--negatives", "2", "--set", "n_candidates=16", "--no-progress")
+    assert result.exit_code == 0, result.output
+    (res,) = RunDir(out).finished_results()
+    assert res["alias_beat_label"]
+    return {"dir": out, "ann": Path(ann), "images": Path(images), "res": res}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("tiny")[0]
+
+
+@pytest.fixture(scope="module")
+def data(run, model):
+    inputs = rebuild_inputs(RunDir(run["dir"]).read_settings(), run["res"])
+    s = np.asarray(inputs["split"]) == "search"
+    pick = lambda key, sel: [x for x, k in zip(inputs[key], sel) if k]  # noqa: E731
+    ctx = image_contexts(model, pick("images", s))
+    neg = np.asarray(inputs["is_negative"], bool)
+    return {"ctx": ctx, "label": run["res"]["label_ids"], "alias": run["res"]["alias_ids"],
+            "outputs": teacher_outputs(model, run["res"]["alias_ids"], ctx), "gts": pick("gts", s),
+            "neg": neg[s], "images": inputs["images"], "all_gts": inputs["gts"], "all_neg": neg}
+
+
+@pytest.fixture(scope="module")
+def trained(model, data):
+    return train_adapter(model, data["label"], alias_targets(data["ctx"], data["outputs"], CFG), CFG,
+                         label="striped blob", category="striped_blob", progress=False)
+
+
+def _outputs(m: Sam3, prompts, ctx):
+    """encode_text + detect of content-id prompts on the first image: {key: numpy}."""
+    ids, mask = layout(prompts, m.config.context_length)
+    prompt = m.encode_text(ids, mask)
+    one = jax.tree_util.tree_map(lambda x: x[:1], ctx)
+    out = m.detect(one, prompt, m.prompt_mask(ids, mask))
+    return {"features": np.asarray(prompt), **{k: np.asarray(v) for k, v in out.items()}}
+
+
+# ---- embed ------------------------------------------------------------------------------------------------------
+def test_embed_leaves_other_prompts_bit_identical(model, data):
+    label = data["label"]
+    rows = np.random.default_rng(0).normal(0, 0.5, (len(label), model.config.text.hidden_size)).astype(np.float32)
+    adapter = Adapter("embed", "striped blob", tuple(label), {"rows": rows}, model_fingerprint(model))
+    adapted = apply_adapters(model, [adapter])
+    others = [encode("striped star"), encode("blob"), label[:1], label + label[-1:], [label[-1], label[0]],
+              data["alias"], encode("a striped blob")]
+    base, new = _outputs(model, others, data["ctx"]), _outputs(adapted, others, data["ctx"])
+    for k in base:
+        np.testing.assert_array_equal(new[k], base[k], err_msg=k)
+    # the label itself: the features of hand-built embeddings (table rows, positions 1..Ll replaced)
+    ids, mask = layout([label], model.config.context_length)
+    table = np.asarray(model.apply("token_table"))
+    emb = table[ids]
+    emb[0, 1:1 + len(label)] = rows
+    want = np.asarray(model.apply("encode_text", emb, mask)[0])
+    got = np.asarray(adapted.encode_text(ids, mask))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    assert np.abs(got - np.asarray(model.encode_text(ids, mask))).max() > 1e-2
+    # engines: no prefix cache for it, the same IoUs as the base model for every other prompt
+    e_base = Engine(model, data["images"], data["all_gts"], negative=data["all_neg"], prefix_cache=False)
+    e_new = Engine(adapted, data["images"], data["all_gts"], negative=data["all_neg"])
+    assert not e_new.prefix_cache
+    for p in others:
+        np.testing.assert_array_equal(e_new.score(np.asarray([p])), e_base.score(np.asarray([p])))
+
+
+def test_training_lowers_the_distillation_loss(model, data, trained):
+    losses = trained.metrics["losses"]
+    assert len(losses) == STEPS and trained.metrics["loss_last"] < 0.97 * losses[0], losses
+    # independent: the adapted label's query probabilities move towards the alias's
+    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    teacher = sig(data["outputs"]["pred_logits"])
+    before = sig(teacher_outputs(model, data["label"], data["ctx"])["pred_logits"])
+    after = sig(teacher_outputs(apply_adapters(model, [trained]), data["label"], data["ctx"])["pred_logits"])
+    assert np.abs(after - teacher).mean() < 0.9 * np.abs(before - teacher).mean()  # measured 0.85
+
+
+def test_loss_matches_a_numpy_restatement(model, data):
+    """The step's loss at the fresh adapter (= the plain label) against the documented formula in numpy."""
+    targets = alias_targets(data["ctx"], data["outputs"], CFG)
+    step = make_step(model, CFG, data["label"])
+    ids, mask = layout([data["label"]], model.config.context_length)
+    rows = np.asarray(model.apply("embed_tokens", ids[:, 1:1 + len(data["label"])]))[0]
+    loss, _ = step.loss({"rows": rows}, model.params, ids, mask, model.prompt_mask(ids, mask), targets.ctx,
+                        targets.arrays(), targets.weights)
+    prompt = model.encode_text(ids, mask)
+    sig = lambda x: 1 / (1 + np.exp(-x.astype(np.float64)))  # noqa: E731
+    bce = lambda p, t: -(t * np.log(p) + (1 - t) * np.log(1 - p))  # noqa: E731
+    per = []
+    for i in range(targets.n_images):
+        out = model.detect_fast(jax.tree_util.tree_map(lambda x: x[i:i + 1], data["ctx"]), prompt,
+                                model.prompt_mask(ids, mask))
+        lg, pr, mk = (np.asarray(out[k], np.float64)[0] for k in ("pred_logits", "presence_logits", "pred_masks"))
+        s = sig(lg) * sig(pr[0])
+        u = np.clip(1 - np.prod(1 - s[:, None, None] * sig(mk), axis=0), 1e-6, 1 - 1e-6)
+        y = targets.union[i]
+        dice = 1 - (2 * (u * y).sum() + 1) / (u.sum() + y.sum() + 1) if y.sum() > 0 else 0.0
+        terms = [bce(sig(lg), targets.query[i]).mean(), bce(sig(pr[0]), targets.presence[i]),
+                 bce(u, y).mean() + dice]
+        per.append(float(np.dot(targets.weights, terms)))
+    assert float(loss) == pytest.approx(np.mean(per), rel=2e-5)
+
+
+def test_gt_and_alias_teachers_share_one_step(model, data, trained):
+    gt = gt_targets(data["ctx"], data["gts"], data["neg"], model.config.decoder.num_queries,
+                    4 * model.config.vision.backbone.grid, CFG)
+    al = alias_targets(data["ctx"], data["outputs"], CFG)
+    assert {k: (v.shape, v.dtype) for k, v in gt.arrays().items()} == {
+        k: (v.shape, v.dtype) for k, v in al.arrays().items()}
+    gcfg = AdaptConfig(steps=STEPS, teacher="gt")
+    step = make_step(model, gcfg, data["label"])
+    assert step is make_step(model, CFG, data["label"])
+    adapter = train_adapter(model, data["label"], gt, gcfg, progress=False)
+    assert step.step._cache_size() == 1  # one compiled program served both teachers
+    assert adapter.teacher == "gt" and adapter.metrics["loss_last"] < adapter.metrics["losses"][0]
+
+
+def test_save_load_eval_equals_in_memory(model, data, trained, tmp_path):
+    path = save_adapter(tmp_path / "ad", trained, CFG.to_dict())
+    card = json.loads((path / "adapter.json").read_text())
+    assert card["kind"] == "embed" and card["label"] == "striped blob" and card["teacher"] == "alias"
+    assert card["steps"] == STEPS and card["model_fingerprint"] == model_fingerprint(model)
+    loaded = jalias.load("tiny", adapter=path)
+    assert isinstance(loaded, AdaptedSam3)
+    args = (data["images"], data["all_gts"])
+    ids = np.asarray([data["label"]])
+    got = Engine(loaded, *args, negative=data["all_neg"]).score(ids)
+    want = Engine(apply_adapters(model, [trained]), *args, negative=data["all_neg"]).score(ids)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(load_adapter(path).params["rows"], trained.params["rows"])
+
+
+def test_resume_equals_uninterrupted(model, data, trained, tmp_path):
+    targets = alias_targets(data["ctx"], data["outputs"], CFG)
+    with pytest.raises(KeyboardInterrupt):
+        train_adapter(model, data["label"], targets, CFG, state_dir=tmp_path / "st", progress=False, stop_after=11)
+    assert json.loads((tmp_path / "st" / "state.json").read_text())["step"] == 11
+    resumed = train_adapter(model, data["label"], targets, CFG, state_dir=tmp_path / "st", resume=True,
+                            progress=False)
+    np.testing.assert_array_equal(resumed.params["rows"], trained.params["rows"])
+    assert resumed.metrics["losses"] == trained.metrics["losses"]
+    with pytest.raises(AdaptError, match="another teacher"):
+        gt = gt_targets(data["ctx"], data["gts"], data["neg"], model.config.decoder.num_queries,
+                        4 * model.config.vision.backbone.grid, CFG)
+        train_adapter(model, data["label"], gt, CFG, state_dir=tmp_path / "st", resume=True, progress=False)
+
+
+def test_adapter_for_another_model_is_refused(model, trained):
+    from jalias.model.init import random_params
+
+    other = Sam3(model.config, random_params(model.config, seed=1))
+    with pytest.raises(AdaptError, match="another model or config"):
+        apply_adapters(other, [trained])
+    with pytest.raises(AdaptError, match="two embed adapters"):
+        apply_adapters(model, [trained, trained])
+
+
+# ---- lora -------------------------------------------------------------------------------------------------------
+def test_lora_merges_low_rank_updates_and_trains_adapter_params_only(model, data):
+    cfg = AdaptConfig(kind="lora", steps=3, targets="text+fusion")
+    paths = lora_targets(model, cfg.target_patterns())
+    c = model.config  # CLIP layers x q,k,v,out + fusion encoder and decoder layers x k,v
+    assert len(paths) == 4 * c.text.num_hidden_layers + 2 * c.encoder.num_layers + 2 * c.decoder.num_layers
+    with pytest.raises(AdaptError, match="prompt side"):
+        lora_targets(model, ["vision_encoder/*"])
+    lora = fresh_lora(model, paths, 2, 0)
+    rng = np.random.default_rng(1)
+    lora = {p: {"a": np.asarray(v["a"]), "b": rng.normal(0, 0.1, v["b"].shape).astype(np.float32)}
+            for p, v in lora.items()}
+    adapted = AdaptedSam3(model, [Adapter("lora", "striped blob", tuple(data["label"]), lora,
+                                          model_fingerprint(model), rank=2, alpha=2.0)])
+    flat = {"/".join(k.key for k in p): v for p, v in jax.tree_util.tree_flatten_with_path(model.params)[0]}
+    new = {"/".join(k.key for k in p): v for p, v in jax.tree_util.tree_flatten_with_path(adapted.params)[0]}
+    for name, w in flat.items():
+        mod = name.rsplit("/", 1)[0]
+        if mod in lora and name.endswith("kernel"):
+            want = np.asarray(w, np.float64) + 1.0 * lora[mod]["a"].astype(np.float64) @ lora[mod]["b"]
+            np.testing.assert_allclose(np.asarray(new[name]), want, rtol=0, atol=1e-6)
+        else:
+            assert new[name] is w  # shared, untouched
+    targets = alias_targets(data["ctx"], data["outputs"], cfg)
+    trained = train_adapter(model, data["label"], targets, cfg, progress=False)
+    n = trained.num_params
+    assert n == sum(a.size for v in trained.params.values() for a in v.values())
+    step = make_step(model, cfg, data["label"])
+    from jalias.adapt.trainer import fresh_params, optimizer
+
+    params, _ = fresh_params(model, cfg, data["label"])
+    opt_size = sum(np.size(x) for x in jax.tree_util.tree_leaves(optimizer(cfg).init(params)))
+    assert n <= opt_size <= 2 * n + 8  # Adam's two moments of the adapter params (and step counters), no base
+    assert step.step._cache_size() == 1
+
+
+# ---- the command ------------------------------------------------------------------------------------------------
+def test_cli_adapt_eval_and_one_line_errors(run, model, data, tmp_path):
+    out = tmp_path / "adapters"
+    result = invoke("adapt", run["dir"], "--steps", STEPS, "--out", out, "--no-progress")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    (row,) = summary["categories"]
+    adapter = load_adapter(out / "striped_blob")
+    assert adapter.metrics["losses"][-1] < adapter.metrics["losses"][0]
+    # eval --adapter: the engine's IoU of the label with the adapter applied, on the category's positives
+    res = invoke("eval", "--weights", "tiny", "--annotations", run["ann"], "--images", run["images"], "--prompt",
+                 "striped blob", "--adapter", out, "--json", "-")
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)["categories"]["striped_blob"]["mean_iou"]
+    (cd,) = load_coco(run["ann"], run["images"], ["striped_blob"])
+    eng = Engine(apply_adapters(model, [adapter]), [cd.image(i) for i in range(len(cd.images))], cd.masks)
+    assert got == pytest.approx(float(eng.score(np.asarray([data["label"]])).mean()), abs=1e-6)
+    assert "another model or config" in error_line(invoke("eval", "--weights", "tiny", "--annotations", run["ann"],
+                                                          "--images", run["images"], "--prompt", "x", "--adapter",
+                                                          _forged(out / "striped_blob", tmp_path)))
+    # one-line errors: not a run dir, run without results, category without an alias, bad kind
+    assert "not a run directory" in error_line(invoke("adapt", tmp_path))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shutil.copy(run["dir"] / "run.json", empty / "run.json")
+    assert "no finished category" in error_line(invoke("adapt", empty))
+    noalias = tmp_path / "noalias"
+    shutil.copytree(run["dir"], noalias, ignore=shutil.ignore_patterns("adapters", "state"))
+    res_file = noalias / "striped_blob.json"
+    doc = json.loads(res_file.read_text())
+    res_file.write_text(json.dumps({**doc, "alias_beat_label": False}))
+    assert "has no alias" in error_line(invoke("adapt", noalias, "--categories", "striped_blob"))
+    assert "kind must be one of" in error_line(invoke("adapt", run["dir"], "--kind", "prefix"))
+    assert "no adapter" in error_line(invoke("eval", "--weights", "tiny", "--annotations", run["ann"], "--images",
+                                             run["images"], "--prompt", "x", "--adapter", empty))
+
+
+def _forged(path: Path, tmp: Path) -> Path:
+    """A copy of an adapter whose card names another model's fingerprint."""
+    dst = tmp / "forged"
+    shutil.copytree(path, dst)
+    card = json.loads((dst / "adapter.json").read_text())
+    (dst / "adapter.json").write_text(json.dumps({**card, "model_fingerprint": "0" * 64}))
+    return dst
