@@ -134,11 +134,13 @@ def demo(
     seed: int = typer.Option(0, help="search and dataset seed"),
     resume: bool = typer.Option(False, help="continue an interrupted demo run"),
     no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar"),
+    weights: str = typer.Option("tiny", help="tiny: the embedded random model on texture concepts; a checkpoint of "
+                                             "`jalias train` (e.g. runs/train-small/final): OOD concepts of its world"),
 ):
-    """End to end on the embedded tiny model and generated out-of-distribution concepts (no downloads)."""
+    """End to end on an embedded model and generated out-of-distribution concepts (no downloads)."""
     from .run.api import demo as run_demo
 
-    summary = run_demo(out=out, budget=budget, method=method, seed=seed, resume=resume,
+    summary = run_demo(out=out, budget=budget, method=method, seed=seed, resume=resume, weights=weights,
                        progress=not no_progress, note=lambda m: typer.echo(f"note: {m}", err=True))
     _print_results(summary, out, f"jalias demo ({method}, {budget} evaluations per concept)")
 

@@ -74,7 +74,7 @@ def reference_run(coco, tmp_path_factory):
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo"
-    result = ok(invoke("demo", "--out", out, "--budget", "150", "--no-progress"))
+    result = ok(invoke("demo", "--out", out, "--budget", "150", "--no-progress", "--weights", "tiny"))
     return out, result
 
 
@@ -481,3 +481,20 @@ def test_no_alias_beat_the_label(coco, tmp_path, monkeypatch):
     assert "no alias beat the label" in res.stdout
     assert "no alias beat the label" in (out / "report.html").read_text()
     assert "no alias beat the label" in (out / "log.txt").read_text()
+
+
+def test_demo_on_a_world_checkpoint_uses_the_ood_concepts(tmp_path):
+    """Any checkpoint other than 'tiny' (a `jalias train` output) gets the procedural world's OOD concepts."""
+    from jalias.data.world import OOD_BY_NAME
+    from jalias.run.api import DEMO_OOD_CONCEPTS, demo
+    from jalias.run.model import embedded_tiny_path
+
+    out = tmp_path / "demo"
+    summary = demo(out=out, budget=40, weights=str(embedded_tiny_path()), images_per_concept=3, negatives=1,
+                   progress=False)
+    assert list(summary["categories"]) == list(DEMO_OOD_CONCEPTS)
+    ann = json.loads((out / "data" / "annotations.json").read_text())
+    assert {c["name"]: c["label"] for c in ann["categories"]} == {n: OOD_BY_NAME[n].label for n in DEMO_OOD_CONCEPTS}
+    for name, row in summary["categories"].items():
+        res = json.loads((out / f"{row['slug']}.json").read_text())
+        assert res["label"] == OOD_BY_NAME[name].label and res["status"] == "done"

@@ -139,3 +139,37 @@ def test_train_command_writes_a_loadable_checkpoint_and_resumes(tmp_path):
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 1 and "already holds a training run" in r.output
     assert (out / "final").exists()
+
+
+def test_iou_aware_class_targets_follow_mask_quality():
+    """loss.query_quality against a per-pair numpy IoU: 1 from IoU 0.5 up, else the best IoU; padding ignored."""
+    from jalias.train.loss import query_quality
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 8, 8)).astype(np.float32)
+    tmask = (rng.random((2, 3, 8, 8)) < 0.4).astype(np.float32)
+    tvalid = np.array([[True, True, False], [True, False, False]])
+    logits[0, 1] = np.where(tmask[0, 0] > 0, 5.0, -5.0)  # a perfect query for instance 0 of pair 0
+    logits[1, 2] = np.where(tmask[1, 2] > 0, 5.0, -5.0)  # perfect only for a padded slot: must not count
+    got = np.asarray(query_quality(jnp.asarray(logits), jnp.asarray(tmask), jnp.asarray(tvalid)))
+    for n in range(2):
+        for q in range(5):
+            p = logits[n, q] > 0
+            ious = [(p & (tmask[n, m] > 0)).sum() / max((p | (tmask[n, m] > 0)).sum(), 1)
+                    for m in range(3) if tvalid[n, m]]
+            want = 1.0 if max(ious) >= 0.5 else max(ious)
+            assert got[n, q] == pytest.approx(want, abs=1e-6), (n, q)
+    assert got[0, 1] == 1.0 and got[1, 2] < 1.0
+
+
+def test_ood_dataset_holds_only_its_concepts_and_never_training_images():
+    ds = world.ood_dataset(["tomato", "heart"], 3, 56, seed=0)
+    assert [c.label for c in ds.concepts] == ["tomato", "heart"]
+    assert [s.image_id for s in ds.samples] == [f"{n}_{k:03d}" for n in ("tomato", "heart") for k in range(3)]
+    for s in ds.samples:
+        own = s.image_id.rsplit("_", 1)[0]
+        assert s.masks[own].any()
+        assert not any(s.masks[n].any() for n in s.masks if n != own)
+        assert not s.image_id.startswith("train_")
+    with pytest.raises(ValueError, match="unknown OOD concept"):
+        world.ood_dataset(["red_star"], 1, 56)

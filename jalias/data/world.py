@@ -184,3 +184,21 @@ def training_phrases() -> list[tuple[str | None, str | None]]:
     """Every phrase the model is trained on: (colour, shape) combos, shapes alone, colours alone."""
     return ([(t, s) for s, t in TRAIN_COMBOS] + [(None, s) for s in TRAIN_SHAPES]
             + [(t, None) for t in COLOUR_NAMES])
+
+
+def ood_dataset(names: list[str], n_images: int, size: int, seed: int = 0) -> Dataset:
+    """A COCO-writable dataset of OOD concepts (``OOD_BY_NAME`` keys): ``n_images`` evaluation images per concept
+    (`concept_scene`, EVAL_STREAM: never training images), concept-major, ids "<concept>_<k:03d>"."""
+    unknown = [n for n in names if n not in OOD_BY_NAME]
+    if unknown:
+        raise ValueError(f"unknown OOD concept {', '.join(unknown)}; choose from: {', '.join(OOD_BY_NAME)}")
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"concepts must be a non-empty list without repeats, got {names}")
+    samples = []
+    for name in names:
+        for k in range(n_images):
+            sc = concept_scene(seed, OOD_BY_NAME[name], k, size)
+            masks = {n: union_of_instances([i.mask for i in sc.instances if i.concept == n], shape=(size, size))
+                     for n in names}
+            samples.append(Sample(sc.image, masks, sc.image_id, sc.instances))
+    return Dataset(samples, [Concept(n, OOD_BY_NAME[n].label) for n in names])

@@ -15,7 +15,8 @@ from .progress import Progress
 from .rundir import RunDir, RunSettings, slugify
 from .splits import load_split
 
-DEMO_CONCEPTS = ("striped_blob", "checkered_star", "dotted_ring")
+DEMO_CONCEPTS = ("striped_blob", "checkered_star", "dotted_ring")  # the random tiny model's (tests)
+DEMO_OOD_CONCEPTS = ("tomato", "blue_triangle", "heart")  # for a world-trained model: one of each OOD kind
 
 
 def search_dataset(weights: str, annotations: str | os.PathLike, images: str | os.PathLike,
@@ -96,36 +97,48 @@ def search_dataset(weights: str, annotations: str | os.PathLike, images: str | o
 
 
 def demo(out: str | os.PathLike = "runs/demo", budget: int = 1000, method: str = "gcg",
-         concepts: Sequence[str] = DEMO_CONCEPTS, images_per_concept: int = 6, image_size: int = 64,
+         concepts: Sequence[str] | None = None, images_per_concept: int = 6, image_size: int = 64,
          negatives: int = 2, heldout: float = 1 / 3, length: int = 4, init: str = "label", seed: int = 0,
          resume: bool = False, options: dict | None = None, chunk_size: int | None = None,
-         checkpoint_every: float = 5.0, progress: bool = True, console=None,
+         checkpoint_every: float = 5.0, progress: bool = True, console=None, weights: str = "tiny",
          note: Callable[[str], None] | None = None) -> dict:
-    """The whole pipeline on the embedded tiny model and a generated out-of-distribution dataset (no downloads).
+    """The whole pipeline on an embedded model and a generated out-of-distribution dataset (no downloads).
 
-    Writes the synthetic dataset (`images_per_concept` images of image_size^2 per concept) to `out`/data in COCO
-    format and runs `search_dataset` on it: each search starts from the label (init="label") and proposes only
-    ASCII word pieces, with each method's measured settings (search/defaults.py). A previous demo in `out` is replaced
-    unless resume=True. note(msg) receives one-line remarks (e.g. that the tiny model was built in memory).
+    weights "tiny" (default): the embedded random tiny model on the texture concepts of `data.synthetic`
+    (DEMO_CONCEPTS, image_size); any other checkpoint (e.g. `jalias train`'s out/final) is taken to be a model of
+    the procedural world and gets its OOD concepts (`data.world.ood_dataset`, DEMO_OOD_CONCEPTS: a new name, a new
+    combination, a new shape) at the model's image size. The dataset
+    (`images_per_concept` images per concept) is written to `out`/data in COCO format and `search_dataset` runs on
+    it: each search starts from the label (init="label") and proposes only ASCII word pieces, with each method's
+    measured settings (search/defaults.py). A previous demo in `out` is replaced unless resume=True. note(msg)
+    receives one-line remarks (e.g. that a model was built in memory).
     """
     from ..data import make_dataset, write_coco
+    from ..data.world import ood_dataset
 
     out = Path(out)
     if (out / "run.json").exists() and not resume:
         RunDir(out).clear()
+    model, msg = load_model(weights)
+    if msg and note is not None:
+        note(msg)
+    trained = weights != "tiny"
+    if concepts is None:
+        concepts = DEMO_OOD_CONCEPTS if trained else DEMO_CONCEPTS
     data_dir = out / "data"
     ann = data_dir / "annotations.json"
     if not (resume and ann.exists()):
-        write_coco(make_dataset(images_per_concept, image_size, list(concepts), seed), data_dir)
-    model, msg = load_model("tiny")
-    if msg and note is not None:
-        note(msg)
+        if trained:
+            data = ood_dataset(list(concepts), images_per_concept, model.config.image_size, seed)
+        else:
+            data = make_dataset(images_per_concept, image_size, list(concepts), seed)
+        write_coco(data, data_dir)
     opts = {"ascii_only": True, **(options or {})}  # on top of the method's measured settings
-    return search_dataset("tiny", ann, data_dir / "images", categories=list(concepts), method=method, budget=budget,
-                          length=length, max_images=images_per_concept, heldout=heldout, negatives=negatives,
-                          seed=seed, out=out, resume=resume, overwrite=False, chunk_size=chunk_size, init=init,
-                          options=opts, checkpoint_every=checkpoint_every, progress=progress, console=console,
-                          model=model)
+    return search_dataset(weights, ann, data_dir / "images", categories=list(concepts), method=method,
+                          budget=budget, length=length, max_images=images_per_concept, heldout=heldout,
+                          negatives=negatives, seed=seed, out=out, resume=resume, overwrite=False,
+                          chunk_size=chunk_size, init=init, options=opts, checkpoint_every=checkpoint_every,
+                          progress=progress, console=console, model=model)
 
 
 def _prompt_ids(prompt: str | None, tokens: Sequence[int] | None) -> list[int]:

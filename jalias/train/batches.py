@@ -81,8 +81,8 @@ def _present_phrases(scene: world.Scene) -> list[list]:
     return [combos, shapes, colours]
 
 
-def _absent_phrase(rng: np.random.Generator, scene: world.Scene) -> tuple:
-    kind = rng.choice(3, p=[0.6, 0.2, 0.2])
+def _absent_phrase(rng: np.random.Generator, scene: world.Scene, colour_only: bool = False) -> tuple:
+    kind = 2 if colour_only else rng.choice(3, p=[0.6, 0.2, 0.2])
     while True:
         if kind == 0:
             s, t = world.TRAIN_COMBOS[int(rng.integers(len(world.TRAIN_COMBOS)))]
@@ -119,6 +119,7 @@ def sample_batch(pool: Pool, train: TrainConfig, step: int, reserved: np.ndarray
     tvalid = np.zeros((b * p, MAX_TARGETS), bool)
     present = np.zeros(b * p, np.float32)
     vocab = np.setdiff1d(np.arange(START_ID), reserved)
+    colour_only = step < train.colour_only_steps  # curriculum: ground colour words first
     pixels = []
     for i, k in enumerate(picks):
         px, scene, masks, boxes = pool.get(int(k))
@@ -128,14 +129,14 @@ def sample_batch(pool: Pool, train: TrainConfig, step: int, reserved: np.ndarray
         for j in range(p):
             row = i * p + j
             if j < n_pos:
-                kind = int(rng.choice(3, p=[0.5, 0.25, 0.25]))
+                kind = 2 if colour_only else int(rng.choice(3, p=[0.5, 0.25, 0.25]))
                 g = groups[kind]
                 phrase = g[int(rng.integers(len(g)))]
             elif rng.random() < train.random_token_negatives:
                 ids.append(list(rng.choice(vocab, int(rng.integers(1, 5)))))
                 continue
             else:
-                phrase = _absent_phrase(rng, scene)
+                phrase = _absent_phrase(rng, scene, colour_only)
             ids.append(phrase_ids()[phrase])
             tg = world.phrase_targets(scene, phrase)
             for slot, obj in enumerate(tg):

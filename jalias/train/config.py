@@ -36,17 +36,20 @@ class TrainConfig:
     uninterrupted one."""
 
     config: str = "small"  # a name in CONFIGS
-    steps: int = 7000
+    steps: int = 6000
     images_per_step: int = 8
     prompts_per_image: int = 4  # half positive phrases, half absent phrases / random tokens
     pool_size: int = 12_000  # distinct training images: training_scene(seed, 0..pool_size-1), rendered on first use
     lr: float = 1e-3
-    warmup: int = 300
+    warmup: int = 100
     final_lr_fraction: float = 0.1  # cosine decay to lr * this
     weight_decay: float = 1e-4  # not on the token table: words never seen keep their initial embeddings
     clip_norm: float = 1.0
     seed: int = 0
+    colour_only_steps: int = 800  # curriculum: the first steps' phrases are colour words only (see below)
     random_token_negatives: float = 0.15  # fraction of negative prompts that are 1-4 random tokens
+    class_on_absent: bool = True  # push every query score to 0 for absent phrases too (False: presence alone does)
+    class_target: str = "matched"  # "matched": DETR 0/1 after matching | "iou": IoU-aware (loss.query_quality)
     w_class: float = 2.0
     w_presence: float = 1.0
     w_mask_bce: float = 5.0

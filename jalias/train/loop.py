@@ -133,6 +133,8 @@ def train(train: TrainConfig = TrainConfig(), out: str | os.PathLike = "runs/tra
     steps of this call, as a kill would (tests use it)."""
     if train.config not in CONFIGS:
         raise TrainError(f"unknown model config '{train.config}'; choose from: {', '.join(CONFIGS)}")
+    if train.class_target not in ("matched", "iou"):
+        raise TrainError(f"class_target must be 'matched' or 'iou', got {train.class_target!r}")
     if train.steps < 1:
         raise TrainError(f"steps must be >= 1, got {train.steps}")
     cfg = CONFIGS[train.config]()

@@ -53,6 +53,17 @@ def match_costs(out: dict, tmask: jax.Array, tbox: jax.Array, tvalid: jax.Array,
     return jnp.where(tvalid[:, None, :], cost, _INVALID)
 
 
+def query_quality(pred_masks: jax.Array, tmask: jax.Array, tvalid: jax.Array) -> jax.Array:
+    """float32[N, Q] class targets from mask quality (stop-gradient): 1 where a query's mask (logits > 0) has IoU
+    >= 0.5 with a referred instance, else that best IoU. pred_masks [N, Q, m, m]; tmask [N, M, m, m]."""
+    pm = (jax.lax.stop_gradient(pred_masks) > 0).astype(jnp.float32).reshape(*pred_masks.shape[:2], -1)
+    tm = (tmask > 0.5).astype(jnp.float32).reshape(*tmask.shape[:2], -1)
+    inter = jnp.einsum("nqp,nmp->nqm", pm, tm)
+    union = pm.sum(-1)[:, :, None] + tm.sum(-1)[:, None, :] - inter
+    best = jnp.max(jnp.where(tvalid[:, None, :], inter / jnp.maximum(union, 1.0), 0.0), axis=-1)
+    return jnp.where(best >= 0.5, 1.0, best)
+
+
 def _hungarian(cost: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """cost float32[N, Q, M], valid bool[N, M] -> int32[N, M]: the query matched to each valid slot (0 where
     the slot is padding)."""
@@ -81,7 +92,12 @@ def set_loss(out: dict, batch: dict, w: TrainConfig) -> tuple[jax.Array, dict]:
     n_targets = jnp.maximum(validf.sum(), 1.0)
     onehot = jax.nn.one_hot(idx, q) * validf[..., None]  # [N, M, Q]
     cls_target = jnp.clip(onehot.sum(1), 0, 1)
-    cls = _bce(out["pred_logits"].astype(jnp.float32), cls_target).sum() / n_targets
+    if w.class_target == "iou":  # IoU-aware: every query scores how well its mask fits its best referred instance
+        cls_target = jnp.maximum(cls_target, query_quality(out["pred_masks"], tmask, tvalid))
+    # queries localise, presence recognises (SAM3's decoupling): unless class_on_absent, the query scores of a
+    # phrase absent from the image are left to the presence head instead of all being pushed to 0
+    rows = jnp.ones_like(batch["present"]) if w.class_on_absent else batch["present"]
+    cls = (_bce(out["pred_logits"].astype(jnp.float32), cls_target) * rows[:, None]).sum() / n_targets
     presence = _bce(out["presence_logits"][:, 0].astype(jnp.float32), batch["present"]).mean()
     masks = jnp.take_along_axis(out["pred_masks"].astype(jnp.float32), idx[:, :, None, None], axis=1)  # [N,M,m,m]
     mb = (_bce(masks, tmask).mean((-2, -1)) * validf).sum() / n_targets
