@@ -89,7 +89,8 @@ def collateral(base_masks: np.ndarray, adapted, images, ctx, prompts) -> tuple[f
     return float(np.mean(per)), per
 
 
-def run_problem(p: int, kinds: list[str], steps: int, budget: int, alias_mode: str, log) -> list[dict]:
+def run_problem(p: int, kinds: list[str], steps: int, budget: int, alias_mode: str, log,
+                preserve: float = 0.0) -> list[dict]:
     t0 = time.perf_counter()
     prob = make_planted(p)
     model = prob.model
@@ -108,9 +109,10 @@ def run_problem(p: int, kinds: list[str], steps: int, budget: int, alias_mode: s
     rows = []
     for kind in kinds:
         row = {"category": f"planted-{p}", "label": prob.label, "kind": kind, "steps": steps,
-               "alias_text": detokenize(alias), "label_before": label_before, "alias": alias_iou}
+               "alias_text": detokenize(alias), "label_before": label_before, "alias": alias_iou,
+               "w_preserve": preserve}
         for teacher in ("alias", "gt"):
-            cfg = AdaptConfig(kind=kind, teacher=teacher, steps=steps)
+            cfg = AdaptConfig(kind=kind, teacher=teacher, steps=steps, w_preserve=preserve)
             targets = (alias_targets(ctx, outputs, cfg) if teacher == "alias" else
                        gt_targets(ctx, prob.search_masks, [False] * len(prob.search_masks), q, m, cfg))
             t = time.perf_counter()
@@ -189,6 +191,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--budget", type=int, default=None, help="gcg budget for the alias search")
     ap.add_argument("--alias", choices=("search", "hidden"), default=None,
                     help="the teacher: a gcg-found alias (full) or the planted hidden sequence (quick)")
+    ap.add_argument("--preserve", type=float, default=0.0, help="AdaptConfig.w_preserve: keep random word "
+                                                                   "prompts' text features (0: off)")
     ap.add_argument("--json", type=str, default=None)
     ap.add_argument("--out", type=str, default="benchmarks/out")
     a = ap.parse_args(argv)
@@ -203,10 +207,11 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     rows = []
     for p in preset["problems"]:
-        rows += run_problem(p, preset["kinds"], preset["steps"], preset["budget"], preset["alias"], print)
+        rows += run_problem(p, preset["kinds"], preset["steps"], preset["budget"], preset["alias"], print,
+                            a.preserve)
     res = {"categories": [{k: r[k] for k in ("category", "kind", "label_before", "label_after_alias",
                                              "label_after_gt", "alias", "collateral")} | r for r in rows],
-           "verdict": verdict(rows), "settings": {**preset, "config": AdaptConfig().to_dict()},
+           "verdict": verdict(rows), "settings": {**preset, "w_preserve": a.preserve, "config": AdaptConfig().to_dict()},
            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
            "wall_s": time.perf_counter() - t0}
     print(table(rows))

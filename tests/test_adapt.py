@@ -215,7 +215,7 @@ def test_adapter_for_another_model_is_refused(model, trained):
 
 # ---- lora -------------------------------------------------------------------------------------------------------
 def test_lora_merges_low_rank_updates_and_trains_adapter_params_only(model, data):
-    cfg = AdaptConfig(kind="lora", steps=3, targets="text+fusion")
+    cfg = AdaptConfig(kind="lora", steps=3, targets="text+fusion", w_preserve=1.0, preserve_prompts=8)
     paths = lora_targets(model, cfg.target_patterns())
     c = model.config  # CLIP layers x q,k,v,out + fusion encoder and decoder layers x k,v
     assert len(paths) == 4 * c.text.num_hidden_layers + 2 * c.encoder.num_layers + 2 * c.decoder.num_layers
@@ -246,6 +246,7 @@ def test_lora_merges_low_rank_updates_and_trains_adapter_params_only(model, data
     params, _ = fresh_params(model, cfg, data["label"])
     opt_size = sum(np.size(x) for x in jax.tree_util.tree_leaves(optimizer(cfg).init(params)))
     assert n <= opt_size <= 2 * n + 8  # Adam's two moments of the adapter params (and step counters), no base
+    assert trained.metrics["loss_parts_last"][3] > 0  # other prompts' features moved, and the loss sees it
     assert step.step._cache_size() == 1
 
 

@@ -35,7 +35,8 @@ class AdaptConfig:
     or "lora" (low-rank updates W + scale * A @ B of the `targets` Dense kernels; base weights frozen).
     teacher: "alias" (distil the alias's outputs on the search images) or "gt" (the ground-truth masks).
     Loss (see `loss.adapter_loss`): w_query * query-logit BCE + w_presence * presence BCE + w_union * (BCE + dice
-    of the soft union mask); the gt teacher has no per-query target, so its w_query is 0.
+    of the soft union mask); the gt teacher has no per-query target, so its w_query is 0. w_preserve > 0 adds
+    a term that keeps other prompts' text features in place (for lora: collateral damage on other words).
     """
 
     kind: str = "embed"
@@ -51,6 +52,8 @@ class AdaptConfig:
     w_query: float = 1.0
     w_presence: float = 1.0
     w_union: float = 1.0
+    w_preserve: float = 0.0  # > 0: also keep `preserve_prompts` random word prompts' features (trainer.make_step)
+    preserve_prompts: int = 64
     threshold: float = 0.5  # the prediction rule's keep threshold (teacher masks, evaluation)
     remat: bool = True  # gradient checkpointing of each image's detect pass
     seed: int = 0  # LoRA init
@@ -65,6 +68,9 @@ class AdaptConfig:
             raise AdaptError(f"steps must be >= 0, got {self.steps}")
         if not self.lr_for() > 0:
             raise AdaptError(f"learning rate must be > 0, got {self.lr_for()}")
+        if self.w_preserve < 0 or self.preserve_prompts < 1:
+            raise AdaptError(f"need w_preserve >= 0 and preserve_prompts >= 1, got {self.w_preserve}, "
+                             f"{self.preserve_prompts}")
         if self.kind == "lora" and self.rank < 1:
             raise AdaptError(f"LoRA rank must be >= 1, got {self.rank}")
         self.target_patterns()

@@ -44,7 +44,7 @@ def optimizer(cfg: AdaptConfig) -> optax.GradientTransformation:
 
 def prompt_features(model: Sam3, kind: str, label_ids: Sequence[int], params: dict, base_params: dict,
                     scale: float, ids, mask):
-    """The label prompt's features [1, T, D] with the adapter params, and the params detect runs with."""
+    """Features [B, T, D] of prompts ids/mask [B, T] with the adapter params, and the params detect runs with."""
     if kind == "embed":
         emb = substitute(model.apply("embed_tokens", ids, params=base_params), ids, label_ids, params["rows"])
         return model.apply("encode_text", emb, mask, params=base_params)[0], base_params
@@ -52,21 +52,43 @@ def prompt_features(model: Sam3, kind: str, label_ids: Sequence[int], params: di
     return model.apply("text_features", ids, mask, params=merged), merged
 
 
+def preserve_batch(model: Sam3, cfg: AdaptConfig) -> dict | None:
+    """cfg.preserve_prompts random prompts of 1-4 common words (CLIP's most frequent whole-word tokens, seeded by
+    cfg.seed) and their base features: {"ids", "mask": int32[P, T], "base": float32[P, T, D]}; None when
+    cfg.w_preserve is 0. Their features' drift is the preservation term (see `make_step`)."""
+    if cfg.w_preserve <= 0:
+        return None
+    from ..data.planted import planted_vocab
+
+    vocab = planted_vocab(2000)
+    rng = np.random.default_rng([cfg.seed, 7])
+    prompts = [vocab[rng.integers(vocab.size, size=int(rng.integers(1, 5)))] for _ in range(cfg.preserve_prompts)]
+    ids, mask = layout(prompts, model.config.context_length)
+    return {"ids": jnp.asarray(ids), "mask": jnp.asarray(mask),
+            "base": jnp.asarray(model.encode_text(ids, mask), jnp.float32)}
+
+
 def make_step(model: Sam3, cfg: AdaptConfig, label_ids: Sequence[int]) -> SimpleNamespace:
-    """.step: jit(step)(params, opt_state, base_params, ids, mask, detect_mask, ctx, targets, weights)
-    -> (params, opt_state, loss, parts[3]); .loss: jit(loss_fn)(params, base_params, ...) -> (loss, parts).
-    One function (and one compiled program per shape) for both
-    teachers: the teacher only changes the target arrays and the term weights, which are arguments."""
+    """.step: jit(step)(params, opt_state, base_params, ids, mask, detect_mask, ctx, targets, weights, keep)
+    -> (params, opt_state, loss, parts[4]); .loss: jit(loss_fn)(params, base_params, ...) -> (loss, parts).
+    parts: query, presence, union (image terms, `loss.image_loss`) and drift. One function (and one compiled
+    program per shape) for both teachers: the teacher only changes the target arrays and the term weights, which
+    are arguments. keep (`preserve_batch`, or None): other prompts whose prompt features should not move; the loss
+    then adds w_preserve * drift, drift = sum of squared feature changes over their valid positions / the sum of
+    their squared base features (0 for an embed adapter: those prompts never are the label)."""
     scale = cfg.alpha / cfg.rank if cfg.kind == "lora" else 0.0
     # models with the same config, dtype, mode and attention share a step (params are arguments, not constants)
     key = (model.config.to_json(), model.dtype.name, model.prompt_mode, repr(model.attention), cfg.kind,
-           tuple(label_ids), scale, cfg.remat, cfg.lr_for(), cfg.steps, cfg.warmup, cfg.clip_norm)
+           tuple(label_ids), scale, cfg.remat, cfg.lr_for(), cfg.steps, cfg.warmup, cfg.clip_norm, cfg.w_preserve)
     if key in _STEPS:
         return _STEPS[key]
     opt = optimizer(cfg)
 
-    def loss_fn(params, base_params, ids, mask, dmask, ctx, targets, weights):
-        prompt, det_params = prompt_features(model, cfg.kind, label_ids, params, base_params, scale, ids, mask)
+    def loss_fn(params, base_params, ids, mask, dmask, ctx, targets, weights, keep=None):
+        if keep is not None:  # one text pass over the label and the prompts to preserve
+            ids, mask = jnp.concatenate([ids, keep["ids"]]), jnp.concatenate([mask, keep["mask"]])
+        feats, det_params = prompt_features(model, cfg.kind, label_ids, params, base_params, scale, ids, mask)
+        prompt = feats[:1]
 
         def one(args):
             c, t = args
@@ -77,11 +99,17 @@ def make_step(model: Sam3, cfg: AdaptConfig, label_ids: Sequence[int]) -> Simple
         if cfg.remat:
             one = jax.checkpoint(one)
         losses, parts = jax.lax.map(one, (ctx, targets))
-        return jnp.mean(losses), jnp.mean(parts, axis=0)
+        loss, drift = jnp.mean(losses), jnp.float32(0.0)
+        if keep is not None:
+            valid = keep["mask"][..., None].astype(jnp.float32)
+            drift = (jnp.sum((feats[1:].astype(jnp.float32) - keep["base"]) ** 2 * valid)
+                     / jnp.sum(keep["base"] ** 2 * valid))
+            loss = loss + cfg.w_preserve * drift
+        return loss, jnp.concatenate([jnp.mean(parts, axis=0), drift[None]])
 
-    def step(params, opt_state, base_params, ids, mask, dmask, ctx, targets, weights):
+    def step(params, opt_state, base_params, ids, mask, dmask, ctx, targets, weights, keep=None):
         (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, base_params, ids, mask, dmask,
-                                                                        ctx, targets, weights)
+                                                                        ctx, targets, weights, keep)
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, parts
 
@@ -153,7 +181,7 @@ def train_adapter(model: Sam3, label_ids: Sequence[int], targets: Targets, cfg: 
     ids, mask = jnp.asarray(input_ids), jnp.asarray(mask)
     dmask = jnp.asarray(model.prompt_mask(input_ids, np.asarray(mask)))
     arrays, weights = targets.arrays(), jnp.asarray(targets.weights)
-    args = (model.params, ids, mask, dmask, targets.ctx, arrays, weights)
+    args = (model.params, ids, mask, dmask, targets.ctx, arrays, weights, preserve_batch(model, cfg))
 
     def save(done: int):
         if state_dir is not None:
