@@ -21,7 +21,8 @@ Contract:
   * Soft path: loss finite, gradient finite and non-zero, agrees with central finite differences (the engine keeps
     the gradient through the decoder's box refinement, which SAM3 detaches); token_grad is float32 [L, V] =
     grad @ table.T.
-  * bf16 engine vs fp32 engine: mean |IoU diff| <= 0.05 and >= 80% of pairs within 0.05 (measured: 0.0015, 99%).
+  * bf16 engine vs fp32 engine: mean |IoU diff| <= 0.005, >= 97% of pairs within 0.05, max <= 0.15 (measured:
+    0.0015, 98.9%, 0.058).
 """
 
 from __future__ import annotations
@@ -311,8 +312,9 @@ def test_bf16_engine_agrees_with_fp32(setup, scores):
     print(f"bf16 vs fp32: mean |IoU diff| {diff.mean():.4f}, max {diff.max():.3f}, "
           f"equal on {(diff == 0).mean():.3f}, within 0.05 on {(diff <= 0.05).mean():.3f}")
     assert np.all(np.isfinite(got))
-    assert diff.mean() <= 0.05
-    assert (diff <= 0.05).mean() >= 0.8
+    assert diff.mean() <= 0.005  # measured 0.0015 (CPU)
+    assert (diff <= 0.05).mean() >= 0.97  # measured 0.989
+    assert diff.max() <= 0.15  # measured 0.058
 
 
 # ---- bad input ------------------------------------------------------------------------------------------------
