@@ -9,6 +9,7 @@
     progress.py   progress bar and results table
     report.py     overlays, curves.png, report.json / report.html (reads only the run directory)
     export.py     teacher targets of a finished run (.npz + index.json)
+    adapt.py      `jalias adapt`: one adapter (jalias.adapt) per finished category, measured on held-out images
 
 Per category: ground truth = union of the category's instances per image (jalias.data.load_coco); the positives
 (and up to `negatives` images without the category, GT empty) are split into search / held-out images; the
