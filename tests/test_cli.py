@@ -114,6 +114,7 @@ def test_demo_writes_report_and_sane_results(demo_run):
     assert [r["category"] for r in report["rows"]] == list(DEMO_CONCEPTS)
     html = (out / "report.html").read_text()
     assert "src='curves.png'" in html and "src='overlays/striped_blob.png'" in html
+    assert "<b>random</b> weights" in html  # the demo's tiny model is random, and the report says so
     links = re.findall(r"(?:src|href)='([^'#]+)'", html)
     assert links and all(not link.startswith("/") and (out / link).is_file() for link in links)  # relative, present
     # the table on stdout

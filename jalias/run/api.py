@@ -123,6 +123,8 @@ def demo(out: str | os.PathLike = "runs/demo", budget: int = 1000, method: str =
     if msg and note is not None:
         note(msg)
     trained = weights != "tiny"
+    if not trained and note is not None:
+        note("the tiny model's weights are random: the numbers show the pipeline runs, not SAM3's behaviour")
     if concepts is None:
         concepts = DEMO_OOD_CONCEPTS if trained else DEMO_CONCEPTS
     data_dir = out / "data"

@@ -188,7 +188,19 @@ code { background: #f4f4f4; padding: 1px 4px; }
 img { max-width: 100%; border: 1px solid #ddd; }
 .better { color: #0a7d32; font-weight: 600; }
 details { margin: 0.5em 0 1.5em; }
+.warn { background: #fff4d6; border: 1px solid #e0b84d; padding: 6px 10px; }
 """
+
+
+RANDOM_NOTE = ("<p class='warn'>These weights are the embedded tiny model's <b>random</b> weights: the numbers show "
+               "that the pipeline runs, not how SAM3 behaves. Use real SAM3 weights (README, 'Using real SAM3 "
+               "weights') or a model from <code>jalias train</code>.</p>")
+
+
+def is_random_tiny(weights: str) -> bool:
+    """Whether run.json's weights entry names the embedded random tiny checkpoint."""
+    p = Path(weights)
+    return weights == "tiny" or (p.name == "tiny" and p.parent.name == "weights")
 
 
 def _html(doc: dict, results: list[dict]) -> str:
@@ -201,6 +213,7 @@ def _html(doc: dict, results: list[dict]) -> str:
            f"{s['negatives']} negative images per category, prompt mode {e(str(s.get('prompt_mode', 'hf')))}.<br>"
            f"Weights <code>{e(str(s['weights']))}</code>, "
            f"annotations <code>{e(str(s['annotations']))}</code>.</p>",
+           *([RANDOM_NOTE] if is_random_tiny(str(s["weights"])) else []),
            "<table><tr><th>concept</th><th>label</th><th>label IoU search</th><th>label IoU held-out</th>"
            "<th>alias</th><th>alias IoU search</th><th>alias IoU held-out</th><th>evals</th><th>seconds</th></tr>"]
     for r in doc["rows"]:
