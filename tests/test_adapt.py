@@ -114,6 +114,19 @@ def test_embed_leaves_other_prompts_bit_identical(model, data):
     got = np.asarray(adapted.encode_text(ids, mask))
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     assert np.abs(got - np.asarray(model.encode_text(ids, mask))).max() > 1e-2
+    # a second label's adapter composes: each label reads its own rows, everything else stays the base model's
+    star = encode("striped star")
+    rows2 = np.random.default_rng(1).normal(0, 0.5, (len(star), rows.shape[1])).astype(np.float32)
+    both = apply_adapters(model, [adapter, Adapter("embed", "striped star", tuple(star), {"rows": rows2},
+                                                   model_fingerprint(model))])
+    lay = layout([label, star, encode("blob")], model.config.context_length)
+    feats = np.asarray(both.encode_text(*lay))
+    np.testing.assert_array_equal(feats[0], np.asarray(adapted.encode_text(*lay))[0])
+    np.testing.assert_array_equal(feats[2], np.asarray(model.encode_text(*lay))[2])
+    emb2 = table[lay[0][1:2]]
+    emb2[0, 1:1 + len(star)] = rows2
+    np.testing.assert_allclose(feats[1], np.asarray(model.apply("encode_text", emb2, lay[1][1:2])[0])[0],
+                               rtol=0, atol=1e-6)
     # engines: no prefix cache for it, the same IoUs as the base model for every other prompt
     e_base = Engine(model, data["images"], data["all_gts"], negative=data["all_neg"], prefix_cache=False)
     e_new = Engine(adapted, data["images"], data["all_gts"], negative=data["all_neg"])
