@@ -1,4 +1,5 @@
-"""The `jalias` command: demo, search, eval, export, convert, train (thin wrappers over jalias.run / jalias.weights).
+"""The `jalias` command: demo, search, eval, export, convert, train, adapt (thin wrappers over jalias.run /
+jalias.weights / jalias.adapt).
 
 Heavy modules (jax, the model) are imported inside the commands so that `jalias --help` stays instant.
 Errors print one line on stderr ("error: ...") and exit with status 1; Ctrl-C / SIGTERM exit with 130 after the
@@ -133,9 +134,9 @@ def demo(
     method: str = typer.Option("gcg", help=METHOD_HELP),
     seed: int = typer.Option(0, help="search and dataset seed"),
     resume: bool = typer.Option(False, help="continue an interrupted demo run"),
-    no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar"),
     weights: str = typer.Option("tiny", help="tiny: the embedded random model on texture concepts; a checkpoint of "
                                              "`jalias train` (e.g. runs/train-small/final): OOD concepts of its world"),
+    no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar"),
 ):
     """End to end on an embedded model and generated out-of-distribution concepts (no downloads)."""
     from .run.api import demo as run_demo
@@ -143,6 +144,10 @@ def demo(
     summary = run_demo(out=out, budget=budget, method=method, seed=seed, resume=resume, weights=weights,
                        progress=not no_progress, note=lambda m: typer.echo(f"note: {m}", err=True))
     _print_results(summary, out, f"jalias demo ({method}, {budget} evaluations per concept)")
+
+
+ADAPTER_HELP = ("adapter directory written by `jalias adapt` (or a folder of them); repeat to compose several "
+                "(one embed adapter per label)")
 
 
 PROMPT_MODE_HELP = ("which SAM3 to reproduce: meta (Meta's own: geometry CLS token on every text prompt, token id 0 "
@@ -175,6 +180,7 @@ def search(
     checkpoint_every: float = typer.Option(5.0, help="seconds between search-state checkpoints"),
     no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar"),
     prompt_mode: Optional[str] = typer.Option(None, "--prompt-mode", help=PROMPT_MODE_HELP),
+    adapter: Optional[List[str]] = typer.Option(None, "--adapter", help=ADAPTER_HELP),
 ):
     """Search an alias for each category of a COCO dataset (label baseline, search, held-out evaluation)."""
     from .run.api import search_dataset
@@ -184,7 +190,7 @@ def search(
         length=length, max_images=max_images, heldout=heldout, negatives=negatives, seed=seed, out=out,
         resume=resume, overwrite=overwrite, chunk_size=chunk_size, init=init, negative_weight=negative_weight,
         dtype=dtype, options=_options(set_), checkpoint_every=checkpoint_every, progress=not no_progress,
-        prompt_mode=prompt_mode)
+        prompt_mode=prompt_mode, model=_adapted(weights, dtype, prompt_mode, adapter))
     _print_results(summary, out, f"jalias search ({method}, {budget} evaluations per category)")
 
 
@@ -205,6 +211,7 @@ def eval_(
                                                                 "('-': print JSON instead of the table)"),
     prompt_mode: Optional[str] = typer.Option(None, "--prompt-mode", help=PROMPT_MODE_HELP + " Evaluate an alias "
                                               "in the mode its search ran in (run.json settings.prompt_mode)."),
+    adapter: Optional[List[str]] = typer.Option(None, "--adapter", help=ADAPTER_HELP),
 ):
     """IoU of one prompt (text or token ids) per image, and the mean, for each category."""
     from rich.table import Table
@@ -217,7 +224,8 @@ def eval_(
     res = evaluate_prompt(weights, annotations, images, prompt=prompt,
                           tokens=_tokens(tokens) if tokens is not None else None,
                           categories=_categories(categories), max_images=max_images, negatives=negatives,
-                          chunk_size=chunk_size, dtype=dtype, prompt_mode=prompt_mode)
+                          chunk_size=chunk_size, dtype=dtype, prompt_mode=prompt_mode,
+                          model=_adapted(weights, dtype, prompt_mode, adapter))
     if json_out == "-":
         typer.echo(json.dumps(res, indent=1))
         return
@@ -267,12 +275,6 @@ def convert(
     convert_command(src, str(dst), dtype=dtype, overwrite=overwrite)
 
 
-def main() -> None:  # pragma: no cover - console entry point alternative
-    app(prog_name="jalias")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
 @app.command()
 @_handled
 def train(
@@ -304,3 +306,61 @@ def train(
                f"OOD label IoU {s['ood_iou']:.3f} (metrics: {out / 'metrics.json'})")
 
 
+def _adapted(weights: str, dtype: str, prompt_mode: Optional[str], adapter: Optional[List[str]]):
+    """The model with --adapter applied, or None (the command loads the plain model itself)."""
+    if not adapter:
+        return None
+    from .adapt import apply_adapters, load_adapters
+    from .run.model import load_model, weights_spec
+
+    adapters = load_adapters(adapter)  # a bad path fails before the model is loaded
+    model, _ = load_model(weights_spec(str(weights)), dtype, prompt_mode)
+    return apply_adapters(model, adapters)
+
+
+@app.command()
+@_handled
+def adapt(
+    run_dir: Path = typer.Argument(..., help="a run directory written by `jalias search` or `jalias demo`"),
+    kind: str = typer.Option("embed", help="embed (replacement embeddings of the label's tokens) | lora"),
+    teacher: str = typer.Option("alias", help="alias (distil the found alias) | gt (the ground-truth masks)"),
+    steps: Optional[int] = typer.Option(None, help="optimiser steps per category (default 200)"),
+    lr: Optional[float] = typer.Option(None, help="learning rate (default 0.05 embed, 0.005 lora)"),
+    rank: int = typer.Option(4, help="LoRA rank"),
+    targets: str = typer.Option("text", help="LoRA targets: text | text+fusion | comma-separated fnmatch "
+                                             "patterns over Dense module paths"),
+    preserve: float = typer.Option(0.0, help="weight of keeping random word prompts' text features in place "
+                                             "(less collateral damage of a lora; 0: off)"),
+    categories: str = typer.Option("all", help="comma-separated category names, or 'all'"),
+    out: Optional[Path] = typer.Option(None, help="output folder (default RUN_DIR/adapters/KIND-TEACHER)"),
+    resume: bool = typer.Option(False, help="keep finished adapters, continue an interrupted one"),
+    no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar"),
+):
+    """Train adapters so the natural label does what the run's alias does (or what the ground truth says)."""
+    from .adapt import AdaptConfig
+    from .run.adapt import adapt_run
+
+    summary = adapt_run(run_dir, kind=kind, teacher=teacher, steps=steps, lr=lr, out=out, resume=resume,
+                        categories=_categories(categories), config=AdaptConfig(rank=rank, alpha=float(rank),
+                                                                               targets=targets, w_preserve=preserve),
+                        progress=not no_progress, log=lambda m: typer.echo(m, err=True))
+    from rich.table import Table
+
+    from .run.io import fmt
+
+    table = Table(title=f"jalias adapt ({summary['kind']}, {summary['teacher']} teacher; held-out label IoU)")
+    for col in ("category", "label", "before", "after", "alias", "loss"):
+        table.add_column(col, justify="left" if col in ("category", "label") else "right")
+    for r in summary["categories"]:
+        table.add_row(r["category"], r["label"], fmt(r["label_before"]), fmt(r["label_after"]), fmt(r["alias"]),
+                      f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}")
+    _console().print(table)
+    typer.echo(f"adapters: {Path(summary['categories'][0]['adapter']).parent if summary['categories'] else '-'}")
+
+
+def main() -> None:  # pragma: no cover - console entry point alternative
+    app(prog_name="jalias")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
