@@ -69,7 +69,9 @@ def _real_processor():
     try:  # the processor module needs torchvision; not every environment has a working one
         from transformers.models.sam3.image_processing_sam3 import Sam3ImageProcessor
 
-        return Sam3ImageProcessor()
+        proc = Sam3ImageProcessor()
+        proc(images=np.zeros((8, 8, 3), np.uint8), return_tensors="pt")  # a half-working torchvision fails here
+        return proc
     except Exception as e:  # noqa: BLE001 - any import failure means "not available here"
         pytest.skip(f"transformers Sam3ImageProcessor unavailable (torchvision missing/broken): {e}")
 
