@@ -31,11 +31,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from planted import SETTINGS, best_at, first_reach, improvements, median_or_none, plain_settings  # noqa: E402
+from planted import (SETTINGS, best_at, first_reach, improvements, median_or_none, method_config,  # noqa: E402
+                     plain_settings)
 
 from jalias.data import world  # noqa: E402
 from jalias.engine import Engine  # noqa: E402
-from jalias.search import METHODS, HalvingConfig, run_search  # noqa: E402
+from jalias.search import run_search  # noqa: E402
 from jalias.tokenizer import encode  # noqa: E402
 from jalias.train.evaluate import concept_images  # noqa: E402
 
@@ -66,10 +67,7 @@ def run_concept(model, name: str, methods: list[str], seeds: list[int], budget: 
     for m in methods:
         out["runs"][m] = []
         for s in seeds:
-            method, settings = SETTINGS[m][0], dict(SETTINGS[m][1])
-            if "halving" in settings:
-                settings["halving"] = HalvingConfig(**settings["halving"])
-            cfg = METHODS[method].config_cls(length=LENGTH, budget=budget, seed=s, **settings)
+            method, cfg = method_config(m, length=LENGTH, budget=budget, seed=s)
             t = time.perf_counter()
             r = run_search(method, search, cfg)
             best = r.best[0] if r.best else None

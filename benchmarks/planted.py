@@ -92,6 +92,14 @@ PRESETS = {
 
 
 # --------------------------------------------------------------------------------------------------------------
+def method_config(row: str, **common):
+    """(search method, its config) for a SETTINGS row, with the run's common fields (length, budget, seed, ...)."""
+    method, settings = SETTINGS[row][0], dict(SETTINGS[row][1])
+    if "halving" in settings:
+        settings["halving"] = HalvingConfig(**settings["halving"])
+    return method, METHODS[method].config_cls(**common, **settings)
+
+
 def first_reach(history, threshold: float = THRESHOLD):
     """Evaluations at which a history [(evals, best_objective, best_train_iou)] first has train IoU >= threshold
     (None if never)."""
@@ -157,11 +165,8 @@ def run_problem(p: int, seeds: list[int], budget: int, methods: list[str], log, 
     for m in methods:
         out["runs"][m] = []
         for s in seeds:
-            method, settings = SETTINGS[m][0], dict(SETTINGS[m][1])
-            if "halving" in settings:
-                settings["halving"] = HalvingConfig(**settings["halving"])
-            cfg = METHODS[method].config_cls(length=len(prob.hidden_ids), budget=budget, seed=s,
-                                        allowed_tokens=prob.allowed_vocab.tolist(), **settings)
+            method, cfg = method_config(m, length=len(prob.hidden_ids), budget=budget, seed=s,
+                                        allowed_tokens=prob.allowed_vocab.tolist())
             t = time.perf_counter()
             r = run_search(method, search, cfg)
             wall = time.perf_counter() - t

@@ -31,6 +31,8 @@ from jalias.run.rundir import RunDir
 from jalias.run.splits import rebuild_inputs
 from jalias.tokenizer import encode
 
+from test_cli import error_line  # noqa: E402 (one definition of the one-line-error check)
+
 RUNNER = CliRunner()
 STEPS = 30
 CFG = AdaptConfig(steps=STEPS)  # the CLI's defaults with --steps 30: one compiled step for every embed test
@@ -38,13 +40,6 @@ CFG = AdaptConfig(steps=STEPS)  # the CLI's defaults with --steps 30: one compil
 
 def invoke(*args):
     return RUNNER.invoke(app, [str(a) for a in args])
-
-
-def error_line(result) -> str:
-    assert result.exit_code == 1, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
