@@ -278,8 +278,8 @@ def convert(
 @app.command()
 @_handled
 def train(
-    config: str = typer.Option("small", help="model config: small (shipped) | tiny (tests)"),
-    steps: Optional[int] = typer.Option(None, help="training steps (default: the shipped recipe's)"),
+    config: str = typer.Option("small", help="model config: small | tiny (tests)"),
+    steps: Optional[int] = typer.Option(None, help="training steps (default: TrainConfig's recipe, 6000)"),
     seed: int = typer.Option(0, help="data and init seed"),
     out: Path = typer.Option(Path("runs/train-small"), help="training directory (state, final/, metrics.json)"),
     resume: bool = typer.Option(False, help="continue the run in --out after a kill or Ctrl-C"),
@@ -288,13 +288,10 @@ def train(
     no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar"),
 ):
     """Train the small SAM3 on the procedural world (deterministic from --seed) and write out/final."""
-    from dataclasses import replace
-
-    from .train import TrainError
+    from .train import TrainConfig, TrainError
     from .train.checkpoint import train_checkpoint
-    from .train.config import SHIPPED
 
-    recipe = replace(SHIPPED, config=config, seed=seed, **({} if steps is None else {"steps": steps}))
+    recipe = TrainConfig(config=config, seed=seed, **({} if steps is None else {"steps": steps}))
     try:
         m = train_checkpoint(recipe, out=out, resume=resume, progress=not no_progress, dtype=dtype,
                              eval_images=eval_images, log=lambda s: typer.echo(s, err=True))

@@ -23,6 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from .io import mean, write_json_atomic
+from .model import embedded_tiny_path
 from .rundir import IOU_KEYS, RunDir
 
 PANEL = 192  # panel height in pixels
@@ -198,9 +199,8 @@ RANDOM_NOTE = ("<p class='warn'>These weights are the embedded tiny model's <b>r
 
 
 def is_random_tiny(weights: str) -> bool:
-    """Whether run.json's weights entry names the embedded random tiny checkpoint."""
-    p = Path(weights)
-    return weights == "tiny" or (p.name == "tiny" and p.parent.name == "weights")
+    """Whether run.json's weights entry (`model.weights_spec`) names the embedded random tiny checkpoint."""
+    return weights == "tiny" or Path(weights).resolve() == embedded_tiny_path().resolve()
 
 
 def _html(doc: dict, results: list[dict]) -> str:

@@ -61,5 +61,3 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-
-SHIPPED = TrainConfig()  # the recipe of the shipped weights/small (see weights/README.md)
