@@ -134,8 +134,9 @@ def demo(
     method: str = typer.Option("gcg", help=METHOD_HELP),
     seed: int = typer.Option(0, help="search and dataset seed"),
     resume: bool = typer.Option(False, help="continue an interrupted demo run"),
-    weights: str = typer.Option("tiny", help="tiny: the embedded random model on texture concepts; a checkpoint of "
-                                             "`jalias train` (e.g. runs/train-small/final): OOD concepts of its world"),
+    weights: str = typer.Option("small", help="small: the trained small SAM3 (weights/small) on OOD concepts of its "
+                                              "procedural world; another `jalias train` checkpoint likewise; tiny: "
+                                              "the embedded random model on texture concepts (pipeline check only)"),
     no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar"),
 ):
     """End to end on an embedded model and generated out-of-distribution concepts (no downloads)."""
@@ -279,7 +280,8 @@ def convert(
 @_handled
 def train(
     config: str = typer.Option("small", help="model config: small | tiny (tests)"),
-    steps: Optional[int] = typer.Option(None, help="training steps (default: TrainConfig's recipe, 6000)"),
+    steps: Optional[int] = typer.Option(None, help="stage-1 steps (default: TrainConfig's recipe, 6000)"),
+    stage2_steps: Optional[int] = typer.Option(None, help="stage-2 steps (default: TrainConfig's recipe, 1500)"),
     seed: int = typer.Option(0, help="data and init seed"),
     out: Path = typer.Option(Path("runs/train-small"), help="training directory (state, final/, metrics.json)"),
     resume: bool = typer.Option(False, help="continue the run in --out after a kill or Ctrl-C"),
@@ -291,7 +293,8 @@ def train(
     from .train import TrainConfig, TrainError
     from .train.checkpoint import train_checkpoint
 
-    recipe = TrainConfig(config=config, seed=seed, **({} if steps is None else {"steps": steps}))
+    given = {"steps": steps, "stage2_steps": stage2_steps}
+    recipe = TrainConfig(config=config, seed=seed, **{k: v for k, v in given.items() if v is not None})
     try:
         m = train_checkpoint(recipe, out=out, resume=resume, progress=not no_progress, dtype=dtype,
                              eval_images=eval_images, log=lambda s: typer.echo(s, err=True))

@@ -19,8 +19,8 @@ from jalias.train import batches, loop
 from jalias.train.config import CONFIGS
 from jalias.train.loss import _hungarian
 
-TINY = TrainConfig(config="tiny", steps=6, images_per_step=2, prompts_per_image=4, pool_size=12, warmup=2,
-                   checkpoint_every_s=1e9)
+TINY = TrainConfig(config="tiny", steps=4, stage2_steps=3, images_per_step=2, prompts_per_image=4, pool_size=12,
+                   warmup=2, checkpoint_every_s=1e9)
 
 
 def test_training_steps_lower_the_loss_on_a_fixed_batch():
@@ -41,16 +41,45 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch():
 
 
 def test_resume_equals_uninterrupted(tmp_path):
+    """Killed in stage 1, at the stage boundary and inside stage 2: the resumed run ends on the same weights."""
     full = train(TINY, out=tmp_path / "a", progress=False, log=lambda s: None)
-    part = train(TINY, out=tmp_path / "b", progress=False, stop_after=3, log=lambda s: None)
-    assert part.step == 3
+    part = train(TINY, out=tmp_path / "b", progress=False, stop_after=2, log=lambda s: None)
+    assert part.step == 2
     with pytest.raises(TrainError, match="--resume"):
         train(TINY, out=tmp_path / "b", progress=False, log=lambda s: None)
+    for stop, at in ((2, 4), (1, 5)):  # stop exactly at the boundary, then one step into stage 2
+        part = train(TINY, out=tmp_path / "b", resume=True, progress=False, stop_after=stop, log=lambda s: None)
+        assert part.step == at
     rest = train(TINY, out=tmp_path / "b", resume=True, progress=False, log=lambda s: None)
-    assert rest.step == full.step == 6
+    assert rest.step == full.step == 7
     for a, b in zip(jax.tree_util.tree_leaves(full.params), jax.tree_util.tree_leaves(rest.params)):
         np.testing.assert_array_equal(a, b)
     assert full.losses == rest.losses or len(full.losses) == 0
+
+
+def test_stage_two_is_the_documented_recipe(tmp_path):
+    """Two-stage training equals stage 1 alone followed by the recipe TrainConfig documents, spelled out here:
+    fresh AdamW at constant stage2_lr, IoU-aware targets, class loss on present phrases only, batches from
+    stage2_batch_offset."""
+    from dataclasses import replace
+
+    both = train(TINY, out=tmp_path / "a", progress=False, log=lambda s: None)
+    first = train(replace(TINY, stage2_steps=0), out=tmp_path / "b", progress=False, log=lambda s: None)
+    cfg = CONFIGS["tiny"]()
+    ft = TrainConfig(**{**TINY.to_dict(), "lr": TINY.stage2_lr, "warmup": 1, "final_lr_fraction": 1.0,
+                        "steps": TINY.stage2_steps, "colour_only_steps": 0, "class_on_absent": False,
+                        "class_target": "iou", "stage2_steps": 0})
+    opt = loop.optimizer(ft)
+    params = jax.tree_util.tree_map(jnp.asarray, first.params)
+    state, fn = opt.init(params), loop.make_step(cfg, ft, opt)
+    pool = batches.build_pool(cfg, ft)
+    for i in range(TINY.stage2_steps):
+        batch = batches.sample_batch(pool, ft, TINY.stage2_batch_offset + i, batches.reserved_tokens())
+        params, state, _, _ = fn(params, state, {k: jnp.asarray(v) for k, v in batch.items()})
+    for a, b in zip(jax.tree_util.tree_leaves(both.params), jax.tree_util.tree_leaves(params)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(both.params),
+                                                        jax.tree_util.tree_leaves(first.params)))
 
 
 def test_resume_refuses_other_settings(tmp_path):
@@ -120,7 +149,7 @@ def test_train_command_writes_a_loadable_checkpoint_and_resumes(tmp_path):
     from jalias.weights import load
 
     out = tmp_path / "t"
-    args = ["train", "--config", "tiny", "--steps", "3", "--out", str(out), "--no-progress", "--eval-images", "1",
+    args = ["train", "--config", "tiny", "--steps", "2", "--stage2-steps", "1", "--out", str(out), "--no-progress", "--eval-images", "1",
             "--dtype", "float32"]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output

@@ -100,14 +100,14 @@ def demo(out: str | os.PathLike = "runs/demo", budget: int = 1000, method: str =
          concepts: Sequence[str] | None = None, images_per_concept: int = 6, image_size: int = 64,
          negatives: int = 2, heldout: float = 1 / 3, length: int = 4, init: str = "label", seed: int = 0,
          resume: bool = False, options: dict | None = None, chunk_size: int | None = None,
-         checkpoint_every: float = 5.0, progress: bool = True, console=None, weights: str = "tiny",
+         checkpoint_every: float = 5.0, progress: bool = True, console=None, weights: str = "small",
          note: Callable[[str], None] | None = None) -> dict:
     """The whole pipeline on an embedded model and a generated out-of-distribution dataset (no downloads).
 
-    weights "tiny" (default): the embedded random tiny model on the texture concepts of `data.synthetic`
-    (DEMO_CONCEPTS, image_size); any other checkpoint (e.g. `jalias train`'s out/final) is taken to be a model of
-    the procedural world and gets its OOD concepts (`data.world.ood_dataset`, DEMO_OOD_CONCEPTS: a new name, a new
-    combination, a new shape) at the model's image size. The dataset
+    weights "small" (default): the trained small SAM3 (weights/small, `jalias train`), like any other checkpoint
+    taken to be a model of the procedural world, gets its OOD concepts (`data.world.ood_dataset`,
+    DEMO_OOD_CONCEPTS: a new name, a new combination, a new shape) at the model's image size; "tiny", the embedded random tiny model, gets the texture
+    concepts of `data.synthetic` (DEMO_CONCEPTS, image_size) and shows only that the pipeline runs. The dataset
     (`images_per_concept` images per concept) is written to `out`/data in COCO format and `search_dataset` runs on
     it: each search starts from the label (init="label") and proposes only ASCII word pieces, with each method's
     measured settings (search/defaults.py). A previous demo in `out` is replaced unless resume=True. note(msg)

@@ -38,7 +38,7 @@ def train_checkpoint(recipe: TrainConfig = TrainConfig(), out: str | os.PathLike
     t0 = time.time()
     result = train(recipe, out=out, resume=resume, progress=progress, log=log)
     out = Path(out).expanduser().absolute()
-    if result.step < recipe.steps:  # interrupted: the state is saved, nothing else is written
+    if result.step < recipe.total_steps:  # interrupted: the state is saved, nothing else is written
         raise KeyboardInterrupt
     cfg = CONFIGS[recipe.config]()
     meta = save_params(out / "final", result.params, cfg, dtype=dtype, overwrite=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from ..model.config import (MaskDecoderConfig, Sam3Config, TextConfig, TransformerConfig, ViTConfig, VisionConfig,
                             tiny_config)
@@ -32,8 +32,14 @@ CONFIGS = {"small": small_config, "tiny": tiny_config}  # tiny: for tests (56 px
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training recipe. The batch of step i is a pure function of (seed, i), so a resumed run equals an
-    uninterrupted one."""
+    """Training recipe: stage 1 (`steps`), then stage 2 (`stage2_steps`). The batch of step i is a pure function
+    of (seed, i), so a resumed run equals an uninterrupted one.
+
+    Stage 1 learns to localise and to tell present from absent phrases, but its query scores stay timid (the top
+    query's sigmoid ~0.04 after 6,000 steps, so nothing passes the 0.5 prediction threshold). Stage 2 grounds
+    them: a fresh AdamW at the constant `stage2_lr`, IoU-aware query targets (`class_target="iou"`), the class
+    loss on present phrases only (absent phrases are left to the presence token), no colour-only phase, and
+    batches `sample_batch(..., stage2_batch_offset + i)` that stage 1 never drew (benchmarks/RESULTS.md)."""
 
     config: str = "small"  # a name in CONFIGS
     steps: int = 6000
@@ -57,6 +63,24 @@ class TrainConfig:
     w_box: float = 2.0
     w_semantic: float = 5.0
     checkpoint_every_s: float = 180.0
+    stage2_steps: int = 1500  # 0: stage 1 only
+    stage2_lr: float = 3e-4
+    stage2_batch_offset: int = 10_000
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps + self.stage2_steps
+
+    def stage2(self) -> "TrainConfig":
+        """The recipe stage 2 runs under (optimizer, loss, batch sampling read it like stage 1 reads self)."""
+        return replace(self, lr=self.stage2_lr, warmup=1, steps=self.stage2_steps, final_lr_fraction=1.0,
+                       colour_only_steps=0, class_on_absent=False, class_target="iou", stage2_steps=0)
+
+    def stage_at(self, step: int) -> tuple["TrainConfig", int]:
+        """(recipe, batch index) of global step `step` (0-based)."""
+        if step < self.steps:
+            return self, step
+        return self.stage2(), self.stage2_batch_offset + step - self.steps
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,7 +1,7 @@
 """Train the small SAM3 with optax: one jitted step (forward through every stage, set loss, AdamW), resumable.
 
     from jalias.train import train, TrainConfig
-    result = train(TrainConfig(steps=6000), out="runs/train-small")   # -> out/final (a jalias checkpoint)
+    result = train(TrainConfig(), out="runs/train-small")   # stage 1 (6,000 steps) + stage 2 (1,500 steps)
 
 State (params, optimiser state, step) is written atomically to out/state every `checkpoint_every_s` seconds, on
 Ctrl-C/SIGTERM and at the end; `resume=True` continues from it, and because the batch of step i depends only on
@@ -135,36 +135,47 @@ def train(train: TrainConfig = TrainConfig(), out: str | os.PathLike = "runs/tra
         raise TrainError(f"unknown model config '{train.config}'; choose from: {', '.join(CONFIGS)}")
     if train.class_target not in ("matched", "iou"):
         raise TrainError(f"class_target must be 'matched' or 'iou', got {train.class_target!r}")
-    if train.steps < 1:
-        raise TrainError(f"steps must be >= 1, got {train.steps}")
+    if train.steps < 1 or train.stage2_steps < 0:
+        raise TrainError(f"steps must be >= 1 and stage2_steps >= 0, got {train.steps}, {train.stage2_steps}")
     cfg = CONFIGS[train.config]()
     out = Path(os.path.expanduser(os.fspath(out))).absolute()
     state_path = out / "state"
     if state_path.exists() and not resume:
         raise TrainError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    opt = optimizer(train)
+    total = train.total_steps
     params = jax.tree_util.tree_map(jnp.asarray, random_params(cfg, train.seed))
-    opt_state = opt.init(params)
+    opt_state = optimizer(train).init(params)  # stage 2's fresh AdamW has the same tree
     step, losses = 0, []
     if resume and state_path.exists():
         params, opt_state, step, losses = load_state(state_path, (params, opt_state), train)
-        log(f"resumed at step {step}/{train.steps}")
+        log(f"resumed at step {step}/{total}")
     pool = build_pool(cfg, train)
     reserved = reserved_tokens()
-    fn = make_step(cfg, train, opt)
+    stage = {"recipe": None, "fn": None}
+
+    def step_fn(recipe: TrainConfig):
+        if stage["recipe"] != recipe:  # entering a stage: compile its step (and, at the boundary, reset AdamW)
+            opt = optimizer(recipe)
+            stage.update(recipe=recipe, fn=make_step(cfg, recipe, opt), opt=opt)
+        return stage["fn"]
+
     stopping = {"now": False}
 
     def on_signal(signum, frame):
         stopping["now"] = True
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if _main_thread() else {}
-    bar = _bar(train.steps, step, progress)
+    bar = _bar(total, step, progress)
     last_save, window, done_here = time.time(), [], 0
     start = time.time()
     try:
-        while step < train.steps and not stopping["now"]:
-            batch = {k: jnp.asarray(v) for k, v in sample_batch(pool, train, step, reserved).items()}
+        while step < total and not stopping["now"]:
+            recipe, index = train.stage_at(step)
+            fn = step_fn(recipe)
+            if step == train.steps:  # stage 2 starts from a fresh optimiser state
+                opt_state = stage["opt"].init(params)
+            batch = {k: jnp.asarray(v) for k, v in sample_batch(pool, recipe, index, reserved).items()}
             params, opt_state, loss, parts = fn(params, opt_state, batch)
             step += 1
             done_here += 1
@@ -173,7 +184,8 @@ def train(train: TrainConfig = TrainConfig(), out: str | os.PathLike = "runs/tra
                 raise TrainError(f"loss became {window[-1]} at step {step}; lower --lr")
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{np.mean(window[-50:]):.3f}", presence=f"{float(parts['presence']):.3f}")
+                bar.set_postfix(loss=f"{np.mean(window[-50:]):.3f}", presence=f"{float(parts['presence']):.3f}",
+                                stage=1 if step <= train.steps else 2)
             if step % 100 == 0:
                 losses.append(float(np.mean(window)))
                 window = []

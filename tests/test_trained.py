@@ -1,0 +1,95 @@
+"""The shipped trained small SAM3 (weights/small): torch parity of its trained weights, its stored metrics
+reproduce, and it is really trained (torch's forward with the same weights segments concepts from their names).
+
+The checkpoint is written by `jalias train` (weights/README.md); these tests load it through the same
+`jalias.weights.load` path every command uses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from jalias.data import world
+from jalias.model.preprocess import preprocess
+from jalias.tokenizer import tokenize
+from jalias.train.evaluate import skill
+from jalias.weights import load
+from jalias.weights.mapping import params_to_state_dict, skip_pattern
+
+from parity_utils import jax_forward, torch_forward
+from test_parity import assert_outputs_match
+
+SMALL = Path(__file__).resolve().parents[1] / "weights" / "small"
+pytestmark = pytest.mark.skipif(not (SMALL / "jalias.json").exists(), reason="weights/small is not in this checkout")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load(SMALL, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def stored():
+    return json.loads((SMALL / "metrics.json").read_text())
+
+
+def _scene_batch(size: int):
+    """Two evaluation images (never training images) with the labels of concepts in them, and one with a colour
+    word. The concepts are two the card lists among the best (purple triangle, white square)."""
+    a, b = (next(c for c in world.ID_CONCEPTS if c.name == n) for n in ("purple_triangle", "white_square"))
+    scenes = [world.concept_scene(0, a, 0, size), world.concept_scene(0, b, 0, size),
+              world.concept_scene(0, a, 1, size)]
+    px = np.concatenate([preprocess(s.image, size) for s in scenes]).astype(np.float32)
+    ids, mask = tokenize([a.label, b.label, "green"])
+    return scenes, (a, b), px, np.asarray(ids), np.asarray(mask)
+
+
+def _best_query_iou(out: dict, row: int, gt: np.ndarray) -> float:
+    """IoU with `gt` of the top-scoring query's mask (upsampled bilinearly to the image, threshold 0)."""
+    best = int(np.argmax(out["pred_logits"][row]))
+    logits = torch.nn.functional.interpolate(torch.tensor(out["pred_masks"][row, best][None, None]),
+                                             size=gt.shape, mode="bilinear", align_corners=False)[0, 0]
+    pred = logits.numpy() > 0
+    return float((pred & gt).sum() / max((pred | gt).sum(), 1))
+
+
+def test_shipped_checkpoint_is_small_and_bf16(stored):
+    meta = json.loads((SMALL / "jalias.json").read_text())
+    size = sum(f.stat().st_size for f in SMALL.rglob("*") if f.is_file())
+    assert meta["dtype"] == "bfloat16" and size <= 10 * 2 ** 20, size
+    assert stored["fingerprint"] == meta["fingerprint"] and stored["param_count"] == meta["param_count"]
+
+
+def test_trained_weights_match_torch(model):
+    """Load the trained params into transformers' Sam3Model; full forward on evaluation scenes within the
+    parity tests' tolerances (SCORE_ATOL, MASK_ATOL, MIN_IOU). The reference is not degenerate: it segments
+    the named concepts (top query IoU > 0.5 with the ground truth)."""
+    cfg = model.config
+    hm = transformers.Sam3Model(transformers.Sam3Config(**cfg.to_hf_dict())).eval()
+    params = jax.tree_util.tree_map(np.asarray, model.params)
+    result = hm.load_state_dict({k: torch.from_numpy(np.array(v, np.float32))
+                                 for k, v in params_to_state_dict(params).items()}, strict=False)
+    assert not result.unexpected_keys
+    assert not [k for k in result.missing_keys if not skip_pattern(cfg).search(k)]
+    scenes, concepts, px, ids, mask = _scene_batch(cfg.image_size)
+    with jax.default_matmul_precision("highest"):
+        got = jax_forward(model.with_prompt_mode("hf"), px, ids, mask)
+    ref = torch_forward(hm, px, ids, mask)
+    assert_outputs_match(got, ref, "weights/small")
+    for row, (scene, concept) in enumerate(zip(scenes[:2], concepts)):
+        gt = np.any([i.mask for i in scene.instances if i.concept == concept.name], axis=0)
+        assert _best_query_iou(ref, row, gt) > 0.5, concept.name
+
+
+def test_stored_metrics_reproduce(model, stored):
+    """metrics.json's skill (written by `jalias train`) is what the shipped checkpoint measures, within 0.02."""
+    s = stored["skill"]
+    got = skill(model, n_images=s["n_images"], seed=s["seed"])
+    for key in ("id_iou", "id_empty_rate", "ood_iou"):
+        assert abs(got[key] - s[key]) <= 0.02, (key, got[key], s[key])
