@@ -93,3 +93,18 @@ def test_stored_metrics_reproduce(model, stored):
     got = skill(model, n_images=s["n_images"], seed=s["seed"])
     for key in ("id_iou", "id_empty_rate", "ood_iou"):
         assert abs(got[key] - s[key]) <= 0.02, (key, got[key], s[key])
+
+
+def test_search_from_a_zero_iou_label_starts_from_random_tokens(tmp_path):
+    """On the trained model "tomato" (a name it never learned) scores IoU 0 on every image: around the label the
+    objective is flat, so the run searches from random tokens (logged, recorded as search_init) and keeps the
+    label as the baseline; a label that scores > 0 keeps init='label'."""
+    from jalias.run.api import demo
+
+    demo(out=tmp_path / "d", budget=40, concepts=["tomato", "purple_cross"], images_per_concept=6, negatives=1,
+         weights=str(SMALL), progress=False)
+    tomato = json.loads((tmp_path / "d" / "tomato.json").read_text())
+    cross = json.loads((tmp_path / "d" / "purple_cross.json").read_text())
+    assert tomato["label_iou_search"] == 0.0 and tomato["search_init"] == "random"
+    assert cross["label_iou_search"] > 0.0 and cross["search_init"] == "label"
+    assert "objective is flat" in (tmp_path / "d" / "log.txt").read_text()

@@ -197,8 +197,14 @@ def search_category(model, cd, slug: str, settings: RunSettings, run: RunDir, re
 
     engine = make_engine(model, search, settings, chunk_size)
     label_search = score_one(engine, label_ids, log, f"scoring the label of {cd.name}")
-    result = _search(engine, cd.name, slug, settings.search_config(label_ids), settings, run, resume,
-                     checkpoint_every, progress, kill, position)
+    config = settings.search_config(label_ids)
+    if config.init == "label" and not np.any(label_search[~np.asarray(search.is_negative, bool)] > 0):
+        # every candidate near a label with IoU 0 everywhere also scores 0: the objective is flat there
+        log(f"{cd.name}: the label scores IoU 0 on every search image, so the objective is flat around it; "
+            f"the search starts from random tokens instead (the label stays the baseline)")
+        config = dataclasses.replace(config, init="random", label_ids=None)
+    result = _search(engine, cd.name, slug, config, settings, run, resume, checkpoint_every, progress, kill,
+                     position)
     if not result.best:
         raise RunError(f"category {cd.name!r}: the budget ({settings.budget}) is too small to score even one "
                        f"candidate on {len(search)} images")
@@ -236,6 +242,7 @@ def search_category(model, cd, slug: str, settings: RunSettings, run: RunDir, re
     h = _split_stats(label_held, alias_held, held) if held is not None else {}
     res = clean({
         "status": "done", "category": cd.name, "slug": slug, "label": cd.label, "label_ids": label_ids,
+        "search_init": config.init,
         "label_text": detokenize(label_ids), "alias_ids": alias_ids, "alias_text": alias_text,
         "alias_beat_label": beat, "best_found": {"ids": found_ids, "text": best.text, "objective": found_objective},
         "label_iou_search": s["label_iou"], "label_iou_heldout": h.get("label_iou"),
