@@ -16,6 +16,7 @@ import torch
 import transformers
 
 from jalias.data import world
+from jalias.data.masks import iou
 from jalias.model.preprocess import preprocess
 from jalias.tokenizer import tokenize
 from jalias.train.evaluate import skill
@@ -55,8 +56,7 @@ def _best_query_iou(out: dict, row: int, gt: np.ndarray) -> float:
     best = int(np.argmax(out["pred_logits"][row]))
     logits = torch.nn.functional.interpolate(torch.tensor(out["pred_masks"][row, best][None, None]),
                                              size=gt.shape, mode="bilinear", align_corners=False)[0, 0]
-    pred = logits.numpy() > 0
-    return float((pred & gt).sum() / max((pred | gt).sum(), 1))
+    return float(iou(logits.numpy() > 0, gt))
 
 
 def test_shipped_checkpoint_is_small_and_bf16(stored):

@@ -106,8 +106,9 @@ def demo(out: str | os.PathLike = "runs/demo", budget: int = 1000, method: str =
 
     weights "small" (default): the trained small SAM3 (weights/small, `jalias train`), like any other checkpoint
     taken to be a model of the procedural world, gets its OOD concepts (`data.world.ood_dataset`,
-    DEMO_OOD_CONCEPTS: a new name, a new combination, a new shape) at the model's image size; "tiny", the embedded random tiny model, gets the texture
-    concepts of `data.synthetic` (DEMO_CONCEPTS, image_size) and shows only that the pipeline runs. The dataset
+    DEMO_OOD_CONCEPTS: a new name, a new combination, a new shape) at the model's image size; "tiny", the
+    embedded random tiny model, gets the texture concepts of `data.synthetic` (DEMO_CONCEPTS, image_size) and
+    shows only that the pipeline runs. The dataset
     (`images_per_concept` images per concept) is written to `out`/data in COCO format and `search_dataset` runs on
     it: each search starts from the label (init="label") and proposes only ASCII word pieces, with each method's
     measured settings (search/defaults.py). A previous demo in `out` is replaced unless resume=True. note(msg)

@@ -198,7 +198,7 @@ def search_category(model, cd, slug: str, settings: RunSettings, run: RunDir, re
     engine = make_engine(model, search, settings, chunk_size)
     label_search = score_one(engine, label_ids, log, f"scoring the label of {cd.name}")
     config = settings.search_config(label_ids)
-    if config.init == "label" and not np.any(label_search[~np.asarray(search.is_negative, bool)] > 0):
+    if config.init == "label" and not np.any(label_search[~search.is_negative] > 0):
         # every candidate near a label with IoU 0 everywhere also scores 0: the objective is flat there
         log(f"{cd.name}: the label scores IoU 0 on every search image, so the objective is flat around it; "
             f"the search starts from random tokens instead (the label stays the baseline)")

@@ -76,11 +76,11 @@ class TrainConfig:
         return replace(self, lr=self.stage2_lr, warmup=1, steps=self.stage2_steps, final_lr_fraction=1.0,
                        colour_only_steps=0, class_on_absent=False, class_target="iou", stage2_steps=0)
 
-    def stage_at(self, step: int) -> tuple["TrainConfig", int]:
-        """(recipe, batch index) of global step `step` (0-based)."""
+    def stage_at(self, step: int) -> tuple[int, int]:
+        """(stage: 0 = stage 1, 1 = stage 2; batch index) of global step `step` (0-based)."""
         if step < self.steps:
-            return self, step
-        return self.stage2(), self.stage2_batch_offset + step - self.steps
+            return 0, step
+        return 1, self.stage2_batch_offset + step - self.steps
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -152,13 +152,9 @@ def train(train: TrainConfig = TrainConfig(), out: str | os.PathLike = "runs/tra
         log(f"resumed at step {step}/{total}")
     pool = build_pool(cfg, train)
     reserved = reserved_tokens()
-    stage = {"recipe": None, "fn": None}
-
-    def step_fn(recipe: TrainConfig):
-        if stage["recipe"] != recipe:  # entering a stage: compile its step (and, at the boundary, reset AdamW)
-            opt = optimizer(recipe)
-            stage.update(recipe=recipe, fn=make_step(cfg, recipe, opt), opt=opt)
-        return stage["fn"]
+    recipes = (train, train.stage2())
+    opts = tuple(optimizer(r) for r in recipes)
+    fns = {}  # stage -> its jitted step, compiled on entering the stage
 
     stopping = {"now": False}
 
@@ -171,12 +167,13 @@ def train(train: TrainConfig = TrainConfig(), out: str | os.PathLike = "runs/tra
     start = time.time()
     try:
         while step < total and not stopping["now"]:
-            recipe, index = train.stage_at(step)
-            fn = step_fn(recipe)
+            k, index = train.stage_at(step)
+            if k not in fns:
+                fns[k] = make_step(cfg, recipes[k], opts[k])
             if step == train.steps:  # stage 2 starts from a fresh optimiser state
-                opt_state = stage["opt"].init(params)
-            batch = {k: jnp.asarray(v) for k, v in sample_batch(pool, recipe, index, reserved).items()}
-            params, opt_state, loss, parts = fn(params, opt_state, batch)
+                opt_state = opts[1].init(params)
+            batch = {n: jnp.asarray(v) for n, v in sample_batch(pool, recipes[k], index, reserved).items()}
+            params, opt_state, loss, parts = fns[k](params, opt_state, batch)
             step += 1
             done_here += 1
             window.append(float(loss))
@@ -185,7 +182,7 @@ def train(train: TrainConfig = TrainConfig(), out: str | os.PathLike = "runs/tra
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{np.mean(window[-50:]):.3f}", presence=f"{float(parts['presence']):.3f}",
-                                stage=1 if step <= train.steps else 2)
+                                stage=k + 1)
             if step % 100 == 0:
                 losses.append(float(np.mean(window)))
                 window = []
