@@ -173,3 +173,30 @@ def load_torch_stage(torch_module, state_dict: dict[str, np.ndarray], unused: It
 
 def t(x, dtype=torch.float32) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x)).to(dtype)
+
+
+# ---- the prediction rule, restated on the torch side (an independent check of jalias.engine.scoring) ---------
+def torch_model_of(model: Sam3):
+    """transformers.Sam3Model (eval) holding a jalias model's params (float32)."""
+    cfg = model.config
+    hm = transformers.Sam3Model(transformers.Sam3Config(**cfg.to_hf_dict())).eval()
+    flat = params_to_state_dict(jax_tree_to_numpy(model.params))
+    result = hm.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in flat.items()},
+                                strict=False)
+    assert not result.unexpected_keys
+    assert not [k for k in result.missing_keys if not skip_pattern(cfg).search(k)]
+    return hm
+
+
+def jax_tree_to_numpy(tree):
+    return {k: jax_tree_to_numpy(v) if isinstance(v, dict) else np.asarray(v) for k, v in tree.items()}
+
+
+def torch_predicted_masks(out: dict, shape: tuple[int, int], threshold: float = 0.5) -> np.ndarray:
+    """SAM3's text-prompt mask from a torch forward's outputs -> bool[B, *shape]: the union of the masks of queries
+    with sigmoid(pred_logit) * sigmoid(presence_logit) > threshold, each upsampled with torch's bilinear
+    interpolate (align_corners=False) and thresholded at 0."""
+    score = torch.sigmoid(torch.tensor(out["pred_logits"])) * torch.sigmoid(torch.tensor(out["presence_logits"]))
+    logits = torch.nn.functional.interpolate(torch.tensor(out["pred_masks"]), size=shape, mode="bilinear",
+                                             align_corners=False)
+    return ((logits > 0) & (score > threshold)[..., None, None]).any(1).numpy()

@@ -13,7 +13,6 @@ import jax
 import numpy as np
 import pytest
 import torch
-import transformers
 
 from jalias.data import world
 from jalias.data.masks import iou
@@ -21,9 +20,8 @@ from jalias.model.preprocess import preprocess
 from jalias.tokenizer import tokenize
 from jalias.train.evaluate import skill
 from jalias.weights import load
-from jalias.weights.mapping import params_to_state_dict, skip_pattern
 
-from parity_utils import jax_forward, torch_forward
+from parity_utils import jax_forward, torch_forward, torch_model_of
 from test_parity import assert_outputs_match
 
 SMALL = Path(__file__).resolve().parents[1] / "weights" / "small"
@@ -71,12 +69,7 @@ def test_trained_weights_match_torch(model):
     parity tests' tolerances (SCORE_ATOL, MASK_ATOL, MIN_IOU). The reference is not degenerate: it segments
     the named concepts (top query IoU > 0.5 with the ground truth)."""
     cfg = model.config
-    hm = transformers.Sam3Model(transformers.Sam3Config(**cfg.to_hf_dict())).eval()
-    params = jax.tree_util.tree_map(np.asarray, model.params)
-    result = hm.load_state_dict({k: torch.from_numpy(np.array(v, np.float32))
-                                 for k, v in params_to_state_dict(params).items()}, strict=False)
-    assert not result.unexpected_keys
-    assert not [k for k in result.missing_keys if not skip_pattern(cfg).search(k)]
+    hm = torch_model_of(model)
     scenes, concepts, px, ids, mask = _scene_batch(cfg.image_size)
     with jax.default_matmul_precision("highest"):
         got = jax_forward(model.with_prompt_mode("hf"), px, ids, mask)
