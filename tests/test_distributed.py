@@ -1,5 +1,10 @@
-"""Multi-host split: two local CPU processes under jax.distributed, each scoring its share of concepts,
-together give exactly the single-process scores."""
+"""Multi-host: two local CPU processes under jax.distributed (one CPU device each).
+
+- concepts split: each process scores its share; together they give exactly the single-process scores;
+- one concept over both processes: an Engine on `jax.devices()` shards the candidate axis over both processes'
+  devices, so each computes half the rows and receives the other half from its peer (a cross-process gather:
+  without it the result could not be read); every process ends with exactly the single-process scores.
+"""
 
 import json
 import os
@@ -15,6 +20,7 @@ from jalias.engine.distributed import my_share
 
 WORKER = textwrap.dedent("""
     import json, sys
+    import jax
     import numpy as np
     from jalias.engine import Engine
     from jalias.engine.distributed import initialize, my_share
@@ -37,7 +43,12 @@ WORKER = textwrap.dedent("""
     out = {}
     for c, ims, gts in my_share(concepts):
         out[c] = Engine(model, ims, gts, chunk_size=8, compilation_cache=False).score(ids).tolist()
-    json.dump({"pid": pid, "count": count, "scores": out}, open(sys.argv[1], "w"))
+    _, ims, gts = concepts[0]
+    both = Engine(model, ims, gts, chunk_size=8, compilation_cache=False, devices=jax.devices())
+    together = both.score(ids).tolist()
+    json.dump({"pid": pid, "count": count, "scores": out, "together": together,
+               "engine_processes": sorted({d.process_index for d in both.devices}),
+               "local_devices": jax.local_device_count()}, open(sys.argv[1], "w"))
 """)
 
 
@@ -79,6 +90,9 @@ def test_two_processes_match_single(tmp_path):
         r = json.loads((tmp_path / f"p{pid}.json").read_text())
         assert r["pid"] == pid and r["count"] == 2 and len(r["scores"]) == 2
         merged.update(r["scores"])
+        # one engine spanning both processes (one device each) gives every process all the single-process rows
+        assert r["engine_processes"] == [0, 1] and r["local_devices"] == 1
+        np.testing.assert_array_equal(np.asarray(r["together"]), np.asarray(ref["scores"]["0"]))
     assert sorted(merged) == sorted(ref["scores"])
     for k, v in ref["scores"].items():
         np.testing.assert_array_equal(np.asarray(merged[k]), np.asarray(v))

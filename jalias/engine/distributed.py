@@ -1,8 +1,12 @@
-"""Multi-host runs: one process per host (TPU pod slice, multi-node GPU), concepts split across processes.
+"""Multi-host runs: one process per host (TPU pod slice, multi-node GPU), under `jax.distributed`.
 
-Within a process the engine shards the candidate axis over that host's local devices. Across hosts there is
-nothing to synchronise per step, so work is split at the level of concepts (or image sets): every process
-calls `initialize()` once, takes `my_share(items)` and writes its own results; process 0 can merge them.
+Two ways to use several hosts, after every process calls `initialize()` once:
+
+- split concepts: each process takes `my_share(items)`, scores them on its local devices and writes its own
+  results (nothing to synchronise per step; process 0 can merge the files);
+- one concept over all hosts: `Engine(..., devices=jax.devices())` shards the candidate axis over every device of
+  every process; each process calls `score` with the same candidates, its devices compute their rows, and the
+  IoU rows are gathered so every process holds all of them.
 
     from jalias.engine.distributed import initialize, my_share
     initialize()                       # reads JAX's usual cluster environment (or pass coordinator/ids)
@@ -32,6 +36,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if process_id is None and "JALIAS_PROCESS_ID" in os.environ:
         process_id = int(os.environ["JALIAS_PROCESS_ID"])
     if coordinator or (num_processes or 1) > 1:
+        # CPU backends need a collectives implementation for cross-process arrays (GPU/TPU have their own)
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                    process_id=process_id)
     return jax.process_index(), jax.process_count()

@@ -10,7 +10,9 @@ What it does per `score(ids[N, L])`:
      every candidate's prompt (one more prompt token), and token id 0 is masked out of the detect-side prompt
      as in Meta's SAM3 (CLIP still reads it). The soft surrogate (`soft_loss*`) has no ids: all its content
      positions count as valid;
-  4. with several devices the candidate axis is sharded over a 1-D mesh.
+  4. with several devices the candidate axis is sharded over a 1-D mesh: by default this process's local devices;
+     with `devices=jax.devices()` after `jalias.engine.distributed.initialize()`, every device of every process
+     (each process then calls `score` with the same candidates, computes its devices' rows and receives all rows).
 """
 
 from __future__ import annotations
@@ -310,7 +312,7 @@ class Engine:
             ctx = g.ctx if len(wanted) == len(g.index) else jax.tree_util.tree_map(lambda x: x[np.asarray(wanted)], g.ctx)
             gt = g.gt if len(wanted) == len(g.index) else g.gt[np.asarray(wanted)]
             batch = max(1, min(bucket, int(2e8 // (self.config.decoder.num_queries * gt.shape[-1] * gt.shape[-2] * 4))))
-            iou = np.asarray(self._jit_iou(self.model.params, prompt, detect_mask, ctx, gt, g.rows, g.cols,
+            iou = _fetch(self._jit_iou(self.model.params, prompt, detect_mask, ctx, gt, g.rows, g.cols,
                                            batch=batch))
             for k, w in enumerate(wanted):
                 out[:, col[int(g.index[w])]] = iou[:n, k]
@@ -357,6 +359,15 @@ def _shared_prefix(ids: np.ndarray, mask: np.ndarray, ref: np.ndarray, ref_mask:
 def _bucket_prefix(p: int) -> int:
     """Round cached-prefix lengths down to a multiple of 4 (bounds the number of compiled variants)."""
     return (p // 4) * 4
+
+
+def _fetch(x: jax.Array) -> np.ndarray:
+    """A device array as numpy; one sharded over other processes' devices too is gathered from all of them."""
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _bucket(n: int, chunk: int, devices: int) -> int:

@@ -11,21 +11,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..atomic import write_json_atomic  # noqa: F401  (re-exported: the run's files use it)
+
 
 class RunError(RuntimeError):
     """A run cannot go on (e.g. out of device memory at the smallest chunk size); the message is one line."""
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> None:
-    """Write JSON to a temp file beside `path`, fsync, then os.replace: readers see the old or the new file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=indent)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_json(path: str | os.PathLike, what: str) -> Any:

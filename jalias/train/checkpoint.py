@@ -10,13 +10,13 @@ the wall time, the machine and `evaluate.skill` on evaluation images (never trai
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
 from pathlib import Path
 from typing import Callable
 
+from ..atomic import write_json_atomic
 from .config import CONFIGS, TrainConfig
 from .loop import train
 
@@ -48,7 +48,5 @@ def train_checkpoint(recipe: TrainConfig = TrainConfig(), out: str | os.PathLike
                "wall_seconds_this_call": round(time.time() - t0, 1), "machine": machine(),
                "loss_per_100_steps": result.losses, "fingerprint": meta["fingerprint"], "dtype": dtype,
                "param_count": meta["param_count"], "skill": skill(model, n_images=eval_images)}
-    tmp = out / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=1))
-    os.replace(tmp, out / "metrics.json")
+    write_json_atomic(out / "metrics.json", metrics)
     return metrics
