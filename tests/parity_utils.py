@@ -192,6 +192,26 @@ def jax_tree_to_numpy(tree):
     return {k: jax_tree_to_numpy(v) if isinstance(v, dict) else np.asarray(v) for k, v in tree.items()}
 
 
+def content_prompts(rows: Sequence[Sequence[int]], context: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Content token ids per prompt -> (input_ids, attention_mask) int32 [N, context] laid out as CLIP's processor
+    does: [START, ids..., END, PAD...], mask 1 on START..END (restated here, independent of jalias' layout)."""
+    from jalias.tokenizer import END_ID, PAD_ID, START_ID
+
+    ids = np.full((len(rows), context), PAD_ID, np.int32)
+    mask = np.zeros((len(rows), context), np.int32)
+    for r, row in enumerate(rows):
+        ids[r, 0], ids[r, 1:1 + len(row)], ids[r, 1 + len(row)] = START_ID, row, END_ID
+        mask[r, :len(row) + 2] = 1
+    return ids, mask
+
+
+def numpy_iou(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """IoU of bool masks over the last two axes; two empty masks have IoU 1."""
+    inter = np.logical_and(pred, gt).sum((-1, -2))
+    union = np.logical_or(pred, gt).sum((-1, -2))
+    return np.where(union == 0, 1.0, inter / np.maximum(union, 1))
+
+
 def torch_predicted_masks(out: dict, shape: tuple[int, int], threshold: float = 0.5) -> np.ndarray:
     """SAM3's text-prompt mask from a torch forward's outputs -> bool[B, *shape]: the union of the masks of queries
     with sigmoid(pred_logit) * sigmoid(presence_logit) > threshold, each upsampled with torch's bilinear

@@ -61,19 +61,15 @@ def test_ground_truth_is_what_torch_sam3_predicts_for_the_hidden_sequence(any_pr
     transformers' Sam3Model holding the planted weights, with the text-prompt mask rule restated on the torch side
     (parity_utils.torch_predicted_masks). Measured pixel-exact on every image (2026-12-03); one pixel per
     4,096-pixel mask is allowed for a logit within float32 rounding of 0 on another CPU."""
-    from parity_utils import torch_forward, torch_model_of, torch_predicted_masks
+    from parity_utils import content_prompts, torch_forward, torch_model_of, torch_predicted_masks
 
     from jalias.model.preprocess import preprocess
-    from jalias.tokenizer import END_ID, PAD_ID, START_ID
 
     problem = any_problem
     images = problem.search_images + problem.heldout_images
     masks = np.stack(problem.search_masks + problem.heldout_masks)
     hm = torch_model_of(problem.model)
-    ids = np.full((len(images), 32), PAD_ID, np.int32)  # [START, hidden..., END, PAD...]
-    n = problem.hidden_ids.size
-    ids[:, 0], ids[:, 1:1 + n], ids[:, 1 + n] = START_ID, problem.hidden_ids, END_ID
-    attn = (np.arange(32) < n + 2).astype(np.int32)[None].repeat(len(images), 0)
+    ids, attn = content_prompts([problem.hidden_ids] * len(images))
     px = preprocess(images, problem.model.config.image_size).astype(np.float32)
     ref = torch_predicted_masks(torch_forward(hm, px, ids, attn), masks.shape[1:])
     assert ref.any((1, 2)).all()
