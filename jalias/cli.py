@@ -191,7 +191,7 @@ def search(
         length=length, max_images=max_images, heldout=heldout, negatives=negatives, seed=seed, out=out,
         resume=resume, overwrite=overwrite, chunk_size=chunk_size, init=init, negative_weight=negative_weight,
         dtype=dtype, options=_options(set_), checkpoint_every=checkpoint_every, progress=not no_progress,
-        prompt_mode=prompt_mode, model=_adapted(weights, dtype, prompt_mode, adapter))
+        prompt_mode=prompt_mode, adapters=adapter)
     _print_results(summary, out, f"jalias search ({method}, {budget} evaluations per category)")
 
 
@@ -225,8 +225,7 @@ def eval_(
     res = evaluate_prompt(weights, annotations, images, prompt=prompt,
                           tokens=_tokens(tokens) if tokens is not None else None,
                           categories=_categories(categories), max_images=max_images, negatives=negatives,
-                          chunk_size=chunk_size, dtype=dtype, prompt_mode=prompt_mode,
-                          model=_adapted(weights, dtype, prompt_mode, adapter))
+                          chunk_size=chunk_size, dtype=dtype, prompt_mode=prompt_mode, adapters=adapter)
     if json_out == "-":
         typer.echo(json.dumps(res, indent=1))
         return
@@ -304,18 +303,6 @@ def train(
     typer.echo(f"wrote {out / 'final'} ({m['param_count']:,} params, {dtype}); "
                f"in-distribution label IoU {s['id_iou']:.3f}, empty on negatives {s['id_empty_rate']:.2f}, "
                f"OOD label IoU {s['ood_iou']:.3f} (metrics: {out / 'metrics.json'})")
-
-
-def _adapted(weights: str, dtype: str, prompt_mode: Optional[str], adapter: Optional[List[str]]):
-    """The model with --adapter applied, or None (the command loads the plain model itself)."""
-    if not adapter:
-        return None
-    from .adapt import apply_adapters, load_adapters
-    from .run.model import load_model, weights_spec
-
-    adapters = load_adapters(adapter)  # a bad path fails before the model is loaded
-    model, _ = load_model(weights_spec(str(weights)), dtype, prompt_mode)
-    return apply_adapters(model, adapters)
 
 
 @app.command()

@@ -281,6 +281,27 @@ def test_cli_adapt_eval_and_one_line_errors(run, model, data, tmp_path):
     (cd,) = load_coco(run["ann"], run["images"], ["striped_blob"])
     eng = Engine(apply_adapters(model, [adapter]), [cd.image(i) for i in range(len(cd.images))], cd.masks)
     assert got == pytest.approx(float(eng.score(np.asarray([data["label"]])).mean()), abs=1e-6)
+    assert json.loads(res.stdout)["adapters"] == [str((out / "striped_blob").resolve())]
+    # search --adapter: run.json records the adapter, the label is scored with it, export applies it too, and
+    # such a run is not adapted again
+    ad_run = tmp_path / "adapted_run"
+    res = invoke("search", "--weights", "tiny", "--annotations", run["ann"], "--images", run["images"], "--out",
+                 ad_run, "--method", "local", "--budget", "32", "--length", "3", "--max-images", "4", "--heldout",
+                 "0.25", "--set", "n_candidates=16", "--no-progress", "--adapter", out)
+    assert res.exit_code == 0, res.output
+    assert RunDir(ad_run).read_settings().adapters == [str((out / "striped_blob").resolve())]
+    assert f"adapter <code>{(out / 'striped_blob').resolve()}</code>" in (ad_run / "report.html").read_text()
+    (ad_res,) = RunDir(ad_run).finished_results()
+    split = rebuild_inputs(RunDir(ad_run).read_settings(), ad_res)
+    search = [i for i, k in enumerate(split["split"]) if k == "search"]
+    eng = Engine(apply_adapters(model, [adapter]), [split["images"][i] for i in search],
+                 [split["gts"][i] for i in search])
+    plain = Engine(model, [split["images"][i] for i in search], [split["gts"][i] for i in search])
+    label = np.asarray([data["label"]])
+    assert ad_res["label_iou_search"] == pytest.approx(float(eng.score(label).mean()), abs=1e-6)
+    # the adapter changes the label's IoU (by 0.001 here: a few steps on the random tiny model), far beyond 1e-6
+    assert abs(float(plain.score(label).mean()) - ad_res["label_iou_search"]) > 1e-4
+    assert "searched with adapters" in error_line(invoke("adapt", ad_run))
     assert "another model or config" in error_line(invoke("eval", "--weights", "tiny", "--annotations", run["ann"],
                                                           "--images", run["images"], "--prompt", "x", "--adapter",
                                                           _forged(out / "striped_blob", tmp_path)))

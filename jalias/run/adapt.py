@@ -84,6 +84,9 @@ def adapt_run(run_dir: str | os.PathLike, kind: str = "embed", teacher: str = "a
         raise AdaptError(f"{run_dir} is not a run directory (no run.json)")
     run = RunDir(run_dir)
     settings = run.read_settings()
+    if settings.adapters:
+        raise AdaptError(f"{run_dir} was searched with adapters ({settings.adapters[0]}, ...): adapt a run "
+                         "searched on the plain model")
     finished = run.finished_results()
     if not finished:
         raise AdaptError(f"{run_dir} has no finished category to adapt (run `jalias search` first)")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .io import clean, mean
-from .model import load_model, weights_spec
+from .model import adapter_paths, load_model, weights_spec
 from .pipeline import KillSwitch, SimulatedKill, make_engine, score_one, search_category
 from .progress import Progress
 from .rundir import RunDir, RunSettings, slugify
@@ -26,7 +26,8 @@ def search_dataset(weights: str, annotations: str | os.PathLike, images: str | o
                    overwrite: bool = False, chunk_size: int | None = None, init: str = "random",
                    negative_weight: float = 0.5, dtype: str = "float32", options: dict | None = None,
                    checkpoint_every: float = 5.0, report: bool = True, progress: bool = True, console=None,
-                   model=None, overlay_rows: int = 6, prompt_mode: str | None = None) -> dict:
+                   model=None, overlay_rows: int = 6, prompt_mode: str | None = None,
+                   adapters: Sequence[str] | None = None) -> dict:
     """Search an alias for each category of a COCO dataset; returns the all_results.json dict.
 
     weights: checkpoint path or name (see `jalias.run.model.load_model`); categories: names (None: all with
@@ -34,8 +35,9 @@ def search_dataset(weights: str, annotations: str | os.PathLike, images: str | o
     category; heldout: fraction of images held out of the search; negatives: negative images per category;
     options: method config fields (e.g. {"search_width": 64}); checkpoint_every: seconds between state writes;
     model: an already loaded model for `weights` (skips loading). prompt_mode: "meta" | "hf" | None (the model's
-    default; on resume, the mode the run was started with); run.json records the mode used. Results are written
-    to `out`.
+    default; on resume, the mode the run was started with); run.json records the mode used. adapters: adapter
+    directories (or folders of them) from `jalias adapt`, applied to the model and recorded in run.json (a model
+    passed as `model` must not carry adapters of its own: name them here). Results are written to `out`.
     """
     from ..data import load_coco
 
@@ -44,8 +46,11 @@ def search_dataset(weights: str, annotations: str | os.PathLike, images: str | o
         images=str(Path(images).resolve()), categories=list(categories) if categories else None, method=method,
         budget=int(budget), length=int(length), max_images=max_images, heldout=float(heldout),
         negatives=int(negatives), seed=int(seed), init=init, negative_weight=float(negative_weight), dtype=dtype,
-        options=dict(options or {}), prompt_mode=prompt_mode)
+        options=dict(options or {}), prompt_mode=prompt_mode, adapters=adapter_paths(adapters))
     settings.validate()
+    if model is not None and getattr(model, "adapters", ()):
+        raise ValueError("the model passed in carries adapters: pass the plain model and their directories as "
+                         "adapters=... so run.json records them")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk-size must be >= 1, got {chunk_size}")
     run = RunDir(out)
@@ -59,7 +64,7 @@ def search_dataset(weights: str, annotations: str | os.PathLike, images: str | o
         cats = [{"name": c.name, "slug": slugify(c.name, taken)} for c in concepts]
         run.set_categories(cats)
         if model is None:
-            model, note = load_model(settings.weights, settings.dtype, settings.prompt_mode)
+            model, note = load_model(settings.weights, settings.dtype, settings.prompt_mode, settings.adapters)
             if note:
                 log(note)
         model = model.with_prompt_mode(settings.prompt_mode)
@@ -168,20 +173,26 @@ def evaluate_prompt(weights: str, annotations: str | os.PathLike, images: str | 
                     prompt: str | None = None, tokens: Sequence[int] | None = None,
                     categories: Sequence[str] | None = None, max_images: int | None = None, negatives: int = 0,
                     chunk_size: int | None = None, dtype: str = "float32", threshold: float = 0.5,
-                    model=None, prompt_mode: str | None = None) -> dict:
+                    model=None, prompt_mode: str | None = None, adapters: Sequence[str] | None = None) -> dict:
     """IoU of one prompt (text, or content token ids) on every image of each category.
 
     prompt_mode: "meta" | "hf" | None (the model's default); evaluate an alias in the mode it was searched in.
+    adapters: adapter directories (or folders of them) applied to the model (recorded in the result).
 
-    Returns {"prompt", "ids", "categories": {name: {"images": [{"image_id", "negative", "iou"}], "mean_iou",
+    Returns {"prompt", "ids", "adapters", "categories": {name: {"images": [{"image_id", "negative", "iou"}], "mean_iou",
     "negatives_empty"}}, "mean_iou"} (mean over categories of the per-category mean over positives).
     """
     from ..data import load_coco
     from ..tokenizer import detokenize
 
     ids = _prompt_ids(prompt, tokens)
+    adapters = adapter_paths(adapters)
     if model is None:
-        model, _ = load_model(weights_spec(str(weights)), dtype, prompt_mode)
+        model, _ = load_model(weights_spec(str(weights)), dtype, prompt_mode, adapters)
+    elif adapters:
+        from ..adapt import apply_adapters, load_adapters
+
+        model = apply_adapters(model, load_adapters(adapters))
     model = model.with_prompt_mode(prompt_mode)
     settings = RunSettings(weights=str(weights), annotations=str(annotations), images=str(images),
                            negatives=negatives, threshold=threshold)
@@ -199,5 +210,5 @@ def evaluate_prompt(weights: str, annotations: str | os.PathLike, images: str | 
         }
         del engine
     return clean({"prompt": prompt if prompt is not None else detokenize(ids), "ids": ids,
-                  "prompt_mode": model.prompt_mode, "categories": cats,
+                  "prompt_mode": model.prompt_mode, "adapters": adapters, "categories": cats,
                   "mean_iou": mean([c["mean_iou"] for c in cats.values() if c["mean_iou"] is not None])})

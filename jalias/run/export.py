@@ -150,7 +150,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
     out = Path(out) if out is not None else run.path / "export"
     out.mkdir(parents=True, exist_ok=True)
     if model is None:
-        model, _ = load_model(settings.weights, settings.dtype, settings.prompt_mode)
+        model, _ = load_model(settings.weights, settings.dtype, settings.prompt_mode, settings.adapters)
     model = model.with_prompt_mode(settings.prompt_mode if prompt_mode is None else prompt_mode)
     cfg = model.config
     entries = []

@@ -4,6 +4,7 @@ committed checkpoint is absent, e.g. in a non-editable install)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -31,11 +32,29 @@ def tiny_model():
     return Sam3(cfg, params, dtype="float32")
 
 
-def load_model(weights: str, dtype: str | None = "float32", prompt_mode: str | None = None):
-    """-> (Sam3, note). `weights`: a checkpoint path (Orbax dir, HF dir, .safetensors, .bin, Meta .pt), a name
+def adapter_paths(paths) -> list[str]:
+    """Adapter directories (or folders of them) -> the absolute adapter directories they name, in order
+    (what run.json records; a path that holds no adapter fails here, before any model is loaded)."""
+    from ..adapt.store import adapter_dirs
+
+    return [str(d.resolve()) for p in (paths or []) for d in adapter_dirs(p)]
+
+
+def load_model(weights: str, dtype: str | None = "float32", prompt_mode: str | None = None,
+               adapters: Sequence[str] = ()):
+    """-> (Sam3, note). adapters: adapter directories applied on top (see `adapter_paths`). `weights`: a checkpoint path (Orbax dir, HF dir, .safetensors, .bin, Meta .pt), a name
     under weights/ or $JALIAS_WEIGHTS, or "tiny" (embedded checkpoint, built in memory if it is absent).
     prompt_mode: "meta" | "hf" | None (the model's default: "meta" when it has the geometry encoder).
     note: a one-line remark for the user, or "" (e.g. that the tiny model was built in memory)."""
+    model, note = _load_base(weights, dtype, prompt_mode)
+    if adapters:
+        from ..adapt import apply_adapters, load_adapters
+
+        model = apply_adapters(model, load_adapters(list(adapters)))
+    return model, note
+
+
+def _load_base(weights: str, dtype: str | None, prompt_mode: str | None):
     from ..weights.convert import load, resolve
 
     if str(weights) == "tiny":

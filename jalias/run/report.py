@@ -211,7 +211,8 @@ def _html(doc: dict, results: list[dict]) -> str:
            f"<p>Method <b>{e(str(s['method']))}</b>, budget {s['budget']} evaluations per category, "
            f"{s['length']} tokens, seed {s['seed']}, held-out fraction {s['heldout']:.2g}, "
            f"{s['negatives']} negative images per category, prompt mode {e(str(s.get('prompt_mode', 'hf')))}.<br>"
-           f"Weights <code>{e(str(s['weights']))}</code>, "
+           f"Weights <code>{e(str(s['weights']))}</code>"
+           + "".join(f" + adapter <code>{e(str(a))}</code>" for a in s.get("adapters", [])) + ", "
            f"annotations <code>{e(str(s['annotations']))}</code>.</p>",
            *([RANDOM_NOTE] if is_random_tiny(str(s["weights"])) else []),
            "<table><tr><th>concept</th><th>label</th><th>label IoU search</th><th>label IoU held-out</th>"

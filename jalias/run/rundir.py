@@ -46,6 +46,8 @@ class RunSettings:
     # "meta" | "hf": which reference SAM3 scores follow (see jalias.model.sam3). None until the model is loaded
     # (then its default); run.json always records the mode used. Runs recorded before modes existed were "hf".
     prompt_mode: str | None = None
+    # adapter directories (`jalias adapt`) applied to the model, absolute and in order; [] for the plain model
+    adapters: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         from ..search import METHODS
