@@ -287,6 +287,15 @@ def detokenize(ids: Iterable[int] | np.ndarray) -> str:
     return get_tokenizer().detokenize(ids)
 
 
+def round_trips(rows) -> np.ndarray:
+    """bool[N]: for each content-id sequence (int[N, L] or a list of lists), whether its text tokenizes back to the
+    same ids, i.e. whether typing the text (or giving it to Meta's / HF's processor) prompts with those ids.
+    Sub-word pieces that merge differently ("kiwi" + "fruit" pieces), a word piece without its end-of-word
+    marker, or text that cleaning changes do not."""
+    tok = get_tokenizer()
+    return np.array([tok.encode(tok.detokenize(r)) == [int(i) for i in r] for r in rows], bool)
+
+
 def token_strings() -> list[str]:
     """The VOCAB_SIZE token strings in id order; see ClipTokenizer.token_strings."""
     return get_tokenizer().token_strings()

@@ -93,6 +93,8 @@ def test_demo_writes_report_and_sane_results(demo_run):
         assert 0 < res["evals"] <= 150
         assert res["label_ids"] == encode(res["label"])
         assert len(res["alias_ids"]) == 4 and detokenize(res["alias_ids"]) == res["alias_text"]
+        # the alias works as a plain prompt: its text tokenizes back to its ids (retokenize is on by default)
+        assert res["round_trips"] is True and encode(res["alias_text"]) == res["alias_ids"]
         assert res["alias_text"].isascii()  # the demo proposes ASCII word pieces only
         for key in ("label_iou_search", "label_iou_heldout", "alias_iou_search", "alias_iou_heldout"):
             assert 0.0 <= res[key] <= 1.0, key

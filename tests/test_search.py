@@ -372,3 +372,27 @@ def test_gcg_patience_restarts_and_resumes_exactly():
     assert comparable(resumed) == comparable(full)
     with pytest.raises(ValueError, match="patience"):
         run_search("gcg", engine(), config_for("gcg", patience=0))
+
+
+# --- retokenization filter --------------------------------------------------------------------------------------
+
+class EvenOnlyEngine(ToyEngine):
+    """A toy engine whose 'tokenizer' round-trips exactly the sequences of even ids (a filter with a known answer,
+    standing in for `Engine.round_trips`)."""
+
+    def round_trips(self, ids):
+        return (np.asarray(ids) % 2 == 0).all(axis=-1)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_retokenize_scores_and_reports_only_round_tripping_candidates(method):
+    e = EvenOnlyEngine(vocab_size=500, seed=0, record=True)
+    r = run_search(method, e, config_for(method))
+    seen = np.concatenate(e.seen_ids)
+    assert (seen % 2 == 0).all() and len(seen) > 0  # nothing else was ever scored (or paid for)
+    assert r.evals_used == e.evals
+    assert r.best and all(all(i % 2 == 0 for i in c.ids) for c in r.best)
+    assert r.rejected > 0
+    off = EvenOnlyEngine(vocab_size=500, seed=0, record=True)
+    run_search(method, off, config_for(method, retokenize=False))
+    assert (np.concatenate(off.seen_ids) % 2 == 1).any()  # without the filter odd ids are proposed and scored

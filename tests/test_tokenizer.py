@@ -249,3 +249,26 @@ def test_content_ids_and_lazy_subpackages():
     assert ok and one == [jt.encode("striped blob")] and many == [jt.encode("a"), jt.encode("kiwi fruit")]
     ids, mask = jt.tokenize("striped blob")
     assert list(ids[0][1:1 + int(mask[0].sum()) - 2]) == one[0]  # the content between START and END
+
+
+def test_round_trips_on_the_tokenizers_hard_cases():
+    """An alias is usable as a plain prompt only if its text tokenizes back to its ids. The token ids here are
+    looked up from the vocabulary by their strings, so each case is the one it names."""
+    ids = {s: i for i, s in enumerate(jt.token_strings())}
+    kiwi_fruit = jt.encode("kiwi fruit")
+    cases = {
+        "two whole words": (kiwi_fruit, True),
+        # 'hel' + 'lo</w>' reads "hello", which the BPE merges into one token
+        "pieces that merge across the join": ([ids["hel"], ids["lo</w>"]], False),
+        # a word piece without '</w>' glues onto the next word: "straw" + "berry</w>" -> "strawberry", one token
+        "a piece without its end-of-word marker": ([ids["straw"], ids["berry</w>"]], False),
+        # the end-of-word marker at the end of every word: the same words as text
+        "end-of-word tokens only": ([ids["hello</w>"], ids["world</w>"]], True),
+        # byte 0xC3 alone (the first half of a 2-byte UTF-8 character) decodes to U+FFFD: other tokens
+        "a partial UTF-8 byte": ([ids["Ã"], ids["cat</w>"]], False),
+        "non-ASCII that is a whole word": (jt.encode("café"), True),
+    }
+    got = jt.round_trips([c[0] for c in cases.values()])
+    assert dict(zip(cases, got.tolist())) == {k: v[1] for k, v in cases.items()}
+    for (seq, want), ok in zip(cases.values(), got):
+        assert (jt.encode(jt.detokenize(seq)) == list(seq)) == want == ok

@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ..model import layers
 from ..model.preprocess import load_image, preprocess
 from ..model.sam3 import Sam3
-from ..tokenizer import CONTEXT_LENGTH, END_ID, START_ID, tokenize
+from ..tokenizer import CONTEXT_LENGTH, END_ID, START_ID, round_trips, tokenize
 from . import scoring
 
 GRAD_COST = 3  # a value-and-grad call costs about 3 forward evaluations per image (what a search is charged)
@@ -251,6 +251,11 @@ class Engine:
     @property
     def embedding_table(self) -> jax.Array:
         return self.model.apply("token_table")
+
+    def round_trips(self, ids) -> np.ndarray:
+        """bool[N]: whether each candidate int[N, L]'s text tokenizes back to the same ids (the CLIP tokenizer's
+        `round_trips`; what `SearchConfig.retokenize` filters on)."""
+        return round_trips(ids)
 
     def score(self, ids, images: Sequence[int] | None = None, reference: Sequence[int] | None = None) -> np.ndarray:
         """ids int[N, L] content tokens -> float32 [N, k] exact IoU on the selected images (default all).

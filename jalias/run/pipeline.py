@@ -181,7 +181,7 @@ def search_category(model, cd, slug: str, settings: RunSettings, run: RunDir, re
                     overlay_rows: int, position: str = "") -> dict:
     """Label baseline, search, held-out evaluation and overlay of one category; writes <slug>.json."""
     from ..search import objective
-    from ..tokenizer import detokenize
+    from ..tokenizer import detokenize, round_trips
 
     log = run.log
     t0 = time.perf_counter()
@@ -244,6 +244,8 @@ def search_category(model, cd, slug: str, settings: RunSettings, run: RunDir, re
         "status": "done", "category": cd.name, "slug": slug, "label": cd.label, "label_ids": label_ids,
         "search_init": config.init,
         "label_text": detokenize(label_ids), "alias_ids": alias_ids, "alias_text": alias_text,
+        # typing alias_text (jalias eval --prompt, Meta's or HF's processor) prompts with alias_ids
+        "round_trips": bool(round_trips([alias_ids])[0]), "rejected_not_round_trip": result.rejected,
         "alias_beat_label": beat, "best_found": {"ids": found_ids, "text": best.text, "objective": found_objective},
         "label_iou_search": s["label_iou"], "label_iou_heldout": h.get("label_iou"),
         "alias_iou_search": s["alias_iou"], "alias_iou_heldout": h.get("alias_iou"),

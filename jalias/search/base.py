@@ -51,6 +51,10 @@ class ScoringEngine(Protocol):
         """(soft loss, lower is better; its gradient float32[L, D]) of continuous embeddings float32[L, D]."""
         ...
 
+    # Optional: engines that know the model's tokenizer also provide
+    #     round_trips(ids int32[N, L]) -> bool[N]: whether each candidate's text tokenizes back to the same ids
+    # which `SearchConfig.retokenize` uses (an engine without it, like the tests' toy engine, is not filtered).
+
 
 # --- objective --------------------------------------------------------------------------------------------------
 
@@ -112,6 +116,9 @@ class SearchConfig:
     allowed_tokens: Optional[list[int]] = None  # explicit whitelist, intersected with the other filters
     halving: HalvingConfig = field(default_factory=HalvingConfig)
     keep_top: int = 10  # distinct best candidates kept in the result
+    # only candidates whose text tokenizes back to the same ids are scored and reported, so an alias works as a
+    # plain prompt (jalias eval --prompt, Meta's or HF's processor); needs engine.round_trips (see the protocol)
+    retokenize: bool = True
 
     def __post_init__(self):
         # Plain JSON types, so that the config can go into checkpoints and results as it is.
@@ -229,6 +236,7 @@ class SearchResult:
     config: dict
     stop_reason: str = ""
     iterations: int = 0
+    rejected: int = 0  # proposals never scored because their text does not tokenize back (config.retokenize)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

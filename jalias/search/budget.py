@@ -7,7 +7,7 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -45,8 +45,12 @@ class Budget:
     """
 
     def __init__(self, engine: ScoringEngine, budget: int, negative_weight: float,
-                 halving: HalvingConfig, seed: int, keep_top: int = 10):
+                 halving: HalvingConfig, seed: int, keep_top: int = 10, keep: Optional[Callable] = None):
         self.engine = engine
+        # keep(ids int32[N, L]) -> bool[N]: candidates worth scoring (e.g. engine.round_trips); others are never
+        # charged, never scored by `evaluate`, and never enter `top`
+        self.keep = keep
+        self.rejected = 0
         self.budget = int(budget)
         self.negative_weight = float(negative_weight)
         self.keep_top = int(keep_top)
@@ -126,10 +130,25 @@ class Budget:
         """Score candidates int32[N, L]; with successive halving only the best fraction reaches all images.
 
         Each rung scores the survivors on the images it adds (nothing is scored twice) and keeps the best
-        max(min_keep, ceil(n / eta)) by objective on the images so far. Rows the budget cannot pay for stay
-        unscored (rung -1).
+        max(min_keep, ceil(n / eta)) by objective on the images so far. Rows the budget cannot pay for, and rows
+        `keep` refuses, stay unscored (rung -1, objective -inf).
         """
         ids = np.asarray(ids, dtype=np.int32)
+        if self.keep is None or ids.shape[0] == 0:
+            return self._evaluate(ids, min_keep)
+        ok = np.asarray(self.keep(ids), bool)
+        self.rejected += int((~ok).sum())
+        if ok.all():
+            return self._evaluate(ids, min_keep)
+        part = self._evaluate(ids[ok], min_keep)
+        n = ids.shape[0]
+        out = Scored(np.full(n, -np.inf, np.float32), np.full(n, np.nan, np.float32), np.full(n, -1, np.int32),
+                     np.zeros(n, bool))
+        for name in ("objective", "train_iou", "rung", "full"):
+            getattr(out, name)[ok] = getattr(part, name)
+        return out
+
+    def _evaluate(self, ids: np.ndarray, min_keep: int) -> Scored:
         n = ids.shape[0]
         obj = np.full(n, -np.inf, np.float32)
         tr = np.full(n, np.nan, np.float32)
@@ -173,7 +192,10 @@ class Budget:
     def _observe(self, ids: np.ndarray, obj: np.ndarray, tr: np.ndarray) -> None:
         """Merge exactly, fully scored rows into `top` (distinct ids, stable on ties) and append to history."""
         worst = self.top[-1][1] if len(self.top) >= self.keep_top else -math.inf
-        for i in np.flatnonzero(obj > worst):
+        better = obj > worst
+        if self.keep is not None and better.any():  # rows scored through `score` directly (e.g. soft's projection)
+            better[better] = np.asarray(self.keep(ids[better]), bool)
+        for i in np.flatnonzero(better):
             key = tuple(int(t) for t in ids[i])
             if any(key == t[0] for t in self.top):
                 continue
@@ -189,12 +211,14 @@ class Budget:
     def state_dict(self) -> dict:
         return {
             "used": self.used,
+            "rejected": self.rejected,
             "top": [[list(t[0]), t[1], t[2]] for t in self.top],
             "history": [list(h) for h in self.history],
         }
 
     def load_state_dict(self, d: dict) -> None:
         self.used = int(d["used"])
+        self.rejected = int(d.get("rejected", 0))
         self.top = [(tuple(int(i) for i in t[0]), float(t[1]), float(t[2])) for t in d["top"]]
         self.history = [(int(h[0]), float(h[1]), float(h[2])) for h in d["history"]]
 

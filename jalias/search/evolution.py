@@ -83,11 +83,13 @@ def make_children(pop: np.ndarray, parents: np.ndarray, allowed: np.ndarray, cro
 
 
 def initial_population(config: EvolutionConfig, allowed: np.ndarray, mutation_rate: float,
-                       rng: np.random.Generator) -> np.ndarray:
-    """int32[P, L]: random sequences, or (init='label') the label followed by mutants of it."""
+                       rng: np.random.Generator, first=None) -> np.ndarray:
+    """int32[P, L]: random sequences, or (init='label') the label followed by mutants of it. first(): a starting
+    sequence (default `vocab.initial_ids`; SearchRun.initial_ids draws ones that round-trip)."""
+    first = first or (lambda: initial_ids(config, allowed, rng))
     if config.init == "random":
-        return np.stack([initial_ids(config, allowed, rng) for _ in range(config.population)])
-    label = initial_ids(config, allowed, rng)
+        return np.stack([first() for _ in range(config.population)])
+    label = first()
     mutants = [mutate(label, allowed, rng, max(1, rng.binomial(config.length, mutation_rate)))
                for _ in range(config.population - 1)]
     return np.stack([label] + mutants)
@@ -104,7 +106,7 @@ def run(engine: ScoringEngine, config: Optional[EvolutionConfig] = None, *,
 
     st = sr.state
     if st is None:
-        pop = initial_population(config, allowed, mutation_rate, rng)
+        pop = initial_population(config, allowed, mutation_rate, rng, first=sr.initial_ids)
         scored = budget.evaluate(pop, min_keep=config.elitism)
         if (scored.rung < 0).any():
             return sr.result("budget")

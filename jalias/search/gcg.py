@@ -15,7 +15,6 @@ import numpy as np
 
 from jalias.search.base import Checkpoint, ScoringEngine, SearchConfig, SearchResult, coerce_config
 from jalias.search.searchrun import SearchRun
-from jalias.search.vocab import initial_ids, random_ids
 
 
 @dataclass
@@ -87,7 +86,7 @@ def run(engine: ScoringEngine, config: Optional[GCGConfig] = None, *,
 
     st = sr.state
     if st is None:
-        st = start_from(initial_ids(config, sr.allowed, rng))
+        st = start_from(sr.initial_ids())
         if st is None:
             return sr.result("budget")
         st.update(step=0, restarts=0)
@@ -125,7 +124,7 @@ def run(engine: ScoringEngine, config: Optional[GCGConfig] = None, *,
             st["stale"] += 1
         # 4. a walk that stopped improving starts over (the best candidates seen stay in the result)
         if config.patience is not None and st["stale"] >= config.patience:
-            fresh = start_from(random_ids(sr.allowed, config.length, rng))
+            fresh = start_from(sr.random_ids())
             if fresh is None:
                 return sr.result("budget")
             st.update(fresh)

@@ -13,7 +13,6 @@ import numpy as np
 
 from jalias.search.base import Checkpoint, ScoringEngine, SearchConfig, SearchResult, coerce_config
 from jalias.search.searchrun import SearchRun
-from jalias.search.vocab import initial_ids, random_ids
 
 
 @dataclass
@@ -60,7 +59,7 @@ def run(engine: ScoringEngine, config: Optional[LocalConfig] = None, *,
 
     st = sr.state
     if st is None:
-        st = start_from(initial_ids(config, allowed, rng))
+        st = start_from(sr.initial_ids())
         if st is None:
             return sr.result("budget")
         st.update(step=0, restarts=0)
@@ -95,7 +94,7 @@ def run(engine: ScoringEngine, config: Optional[LocalConfig] = None, *,
             st["stuck"] += 1
         if st["stuck"] >= length:
             if config.restart:
-                fresh = start_from(random_ids(allowed, length, rng))
+                fresh = start_from(sr.random_ids())
                 if fresh is None:
                     return sr.result("budget")
                 st.update(fresh)

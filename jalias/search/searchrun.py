@@ -15,7 +15,7 @@ import numpy as np
 
 from jalias.search.base import Candidate, Checkpoint, ScoringEngine, SearchConfig, SearchResult, detokenize_or_str
 from jalias.search.budget import Budget
-from jalias.search.vocab import allowed_token_ids
+from jalias.search.vocab import allowed_token_ids, initial_ids, random_ids
 
 STATE_VERSION = 1
 
@@ -37,8 +37,9 @@ class SearchRun:
         self.allowed = allowed_token_ids(config, int(engine.vocab_size), engine.special_ids)
         self.allowed_mask = np.zeros(int(engine.vocab_size), bool)
         self.allowed_mask[self.allowed] = True
+        self.round_trips = getattr(engine, "round_trips", None) if config.retokenize else None
         self.budget = Budget(engine, config.budget, config.negative_weight, config.halving, config.seed,
-                             config.keep_top)
+                             config.keep_top, keep=self.round_trips)
         self.rng = np.random.default_rng(config.seed)
         self.state: Optional[dict] = None
         self.iteration = 0
@@ -98,4 +99,22 @@ class SearchRun:
             config=self.config.to_dict(),
             stop_reason=stop_reason,
             iterations=self.iteration,
+            rejected=self.budget.rejected,
         )
+
+    # ---- starting points ----
+    def initial_ids(self) -> np.ndarray:
+        """int32[L] a method's first sequence (`vocab.initial_ids`), redrawn while it does not round-trip."""
+        return self._drawn(lambda: initial_ids(self.config, self.allowed, self.rng))
+
+    def random_ids(self) -> np.ndarray:
+        """int32[L] a fresh random sequence (restarts), redrawn while it does not round-trip."""
+        return self._drawn(lambda: random_ids(self.allowed, self.config.length, self.rng))
+
+    def _drawn(self, draw, tries: int = 200) -> np.ndarray:
+        ids = draw()
+        for _ in range(tries):
+            if self.round_trips is None or bool(self.round_trips(ids[None])[0]):
+                break
+            ids = draw()
+        return ids

@@ -17,7 +17,6 @@ import optax
 
 from jalias.search.base import Checkpoint, ScoringEngine, SearchConfig, SearchResult, coerce_config
 from jalias.search.searchrun import SearchRun
-from jalias.search.vocab import initial_ids
 
 
 @dataclass
@@ -95,7 +94,7 @@ def run(engine: ScoringEngine, config: Optional[SoftConfig] = None, *,
 
     st = sr.state
     if st is None:
-        x = embeddings[jnp.asarray(initial_ids(config, allowed, rng))]
+        x = embeddings[jnp.asarray(sr.initial_ids())]
         opt_state = opt.init(x)
         st = sr.checkpoint({"x": encode_tree(x), "opt_state": encode_tree(opt_state),
                             "last_scored": None, "step": 0})
@@ -107,12 +106,13 @@ def run(engine: ScoringEngine, config: Optional[SoftConfig] = None, *,
         if config.max_steps is not None and st["step"] >= config.max_steps:
             return sr.result("steps")
 
-        # 1. project to the nearest allowed tokens and score them exactly (once per distinct sequence)
+        # 1. project to the nearest allowed tokens and score them exactly (once per distinct sequence; not at all
+        #    when the projection does not round-trip, see SearchConfig.retokenize)
         ids = allowed[np.asarray(nearest_tokens(x, keys, bias))]
         if ids.tolist() != st["last_scored"]:
             if budget.remaining < budget.n_images:
                 return sr.result("budget")
-            budget.score(ids[None])
+            budget.evaluate(ids[None])
             st["last_scored"] = ids.tolist()
 
         # 2. gradient at the projected embeddings, applied to the continuous ones
