@@ -340,6 +340,20 @@ def test_error_category_without_masks(coco, tmp_path):
     line = error_line(invoke("search", "--weights", "tiny", "--annotations", ann, "--images", images,
                              "--out", tmp_path / "run", "--categories", "ghost", *SEARCH_ARGS))
     assert "'ghost' has no segmentation masks" in line
+    # with every category asked for, ghost is skipped with a warning line (a run's log also prints it to stderr)
+    lines = []
+    assert [c.name for c in load_coco(ann, images, None, log=lines.append)] == CONCEPTS
+    assert lines == [f"warning: category 'ghost' has no segmentation masks in {ann}: skipped"]
+
+
+def test_warnings_reach_stderr_and_the_log(tmp_path, capsys):
+    from jalias.run.io import RunLog
+
+    log = RunLog(tmp_path / "log.txt")
+    log("warning: dotted_ring: only 2 negative images available (asked for 5)")
+    log("dotted_ring: 3+2 search images")
+    assert capsys.readouterr().err == "warning: dotted_ring: only 2 negative images available (asked for 5)\n"
+    assert len((tmp_path / "log.txt").read_text().splitlines()) == 2
 
 
 def _random_safetensors(dst: Path, drop: str | None = None) -> Path:
@@ -540,3 +554,22 @@ def test_demo_on_a_world_checkpoint_uses_the_ood_concepts(tmp_path):
     for name, row in summary["categories"].items():
         res = json.loads((out / f"{row['slug']}.json").read_text())
         assert res["label"] == OOD_BY_NAME[name].label and res["status"] == "done"
+
+
+def test_progress_says_compiling_until_the_first_step():
+    import io
+
+    from rich.console import Console
+
+    from jalias.run.progress import Progress
+
+    buf = io.StringIO()
+    with Progress(True, Console(file=buf, width=160, force_terminal=True)) as p:
+        task = p.start("tomato (1/3)", 1000, None)
+        p._bar.refresh()
+        first = buf.getvalue()
+        p.update(task, {"budget": {"used": 100, "top": [[[1], 0.5, 0.4]]}})
+        p._bar.refresh()
+    assert "compiling" in first and "0/1000" in first
+    last = buf.getvalue()[len(first):]
+    assert "100/1000" in last and "best IoU 0.400" in last and "compiling" not in last

@@ -167,11 +167,12 @@ def load_coco(
     images_dir: str | os.PathLike,
     categories: list[str] | None = None,
     max_images: int | None = None,
+    log=None,
 ) -> list[ConceptData]:
     """Load a COCO instance-segmentation file as one ConceptData per category.
 
     categories: category names to load, in that order (None: every category that has masks, in file
-        order; categories without masks are then skipped).
+        order; categories without masks are then skipped, each with a `log` line when log is given).
     max_images: cap on positives and, separately, on negatives per category (first images by id).
     Image ids returned are the COCO ``file_name`` strings; paths are ``images_dir/file_name``.
     Every referenced image file must exist (checked now; decoding happens later on access).
@@ -251,6 +252,8 @@ def load_coco(
         if not pos_ids:
             if explicit:
                 raise ValueError(f"category '{name}' has no segmentation masks in {annotations_json}")
+            if log is not None:
+                log(f"warning: category '{name}' has no segmentation masks in {annotations_json}: skipped")
             continue
         neg_ids = [iid for iid in image_order if iid not in present[cat["id"]]]
         if max_images is not None:

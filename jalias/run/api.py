@@ -59,7 +59,7 @@ def search_dataset(weights: str, annotations: str | os.PathLike, images: str | o
     run.prepare(settings, resume, overwrite)
     log = run.log
     try:
-        concepts = load_coco(settings.annotations, settings.images, settings.categories, settings.max_images)
+        concepts = load_coco(settings.annotations, settings.images, settings.categories, settings.max_images, log=log)
         taken: set[str] = set()
         cats = [{"name": c.name, "slug": slugify(c.name, taken)} for c in concepts]
         run.set_categories(cats)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
@@ -58,7 +59,8 @@ def fmt(x: float | None) -> str:
 
 
 class RunLog:
-    """Append-only timestamped log file (also the place errors are recorded)."""
+    """Append-only timestamped log file (also the place errors are recorded); "warning: ..." lines also go to
+    stderr."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -67,6 +69,8 @@ class RunLog:
         stamp = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(f"{stamp} {msg}\n")
+        if msg.startswith("warning: "):  # something the run changed without being asked: the user sees it now
+            print(msg, file=sys.stderr, flush=True)
 
 
 def version() -> str:

@@ -181,16 +181,19 @@ def search_category(model, cd, slug: str, settings: RunSettings, run: RunDir, re
                     overlay_rows: int, position: str = "") -> dict:
     """Label baseline, search, held-out evaluation and overlay of one category; writes <slug>.json."""
     from ..search import objective
-    from ..tokenizer import detokenize, round_trips
+    from ..tokenizer import detokenize, encode, round_trips
 
     log = run.log
     t0 = time.perf_counter()
     search_cd, held_cd = split_category(cd, settings)
     if len(cd.negatives) < settings.negatives:
-        log(f"{cd.name}: only {len(cd.negatives)} negative images available (asked for {settings.negatives})")
+        log(f"warning: {cd.name}: only {len(cd.negatives)} negative images available (asked for {settings.negatives})")
     search = load_split(search_cd)
     held = load_split(held_cd) if held_cd is not None else None
     label_ids = label_ids_of(cd.label, cd.name)
+    if len(label_ids) < len(encode(cd.label)):
+        log(f"warning: {cd.name}: its label has {len(encode(cd.label))} tokens; it is cut to the first "
+            f"{len(label_ids)} (the prompt's content limit)")
     log(f"{cd.name}: {search.n_positive}+{len(search) - search.n_positive} search images (positive+negative), "
         f"{held.n_positive if held else 0}+{len(held) - held.n_positive if held else 0} held-out; "
         f"label {cd.label!r} = {label_ids}")

@@ -28,7 +28,7 @@ class Progress:
             self._bar = RichProgress(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("best IoU {task.fields[best]}"), TextColumn("{task.fields[rate]} evals/s"),
-                TimeRemainingColumn(), console=self._console or Console(stderr=True), transient=False)
+                TimeRemainingColumn(), TextColumn("{task.fields[status]}"), console=self._console or Console(stderr=True), transient=False)
             self._bar.__enter__()
         return self
 
@@ -43,7 +43,9 @@ class Progress:
             return None
         used = state["budget"]["used"] if state else 0
         best = _best(state["budget"]) if state else "-"
-        task = self._bar.add_task(name, total=budget, completed=used, best=best, rate="-")
+        # until the first step is done (its programs compile then) the bar would look stuck: say why
+        task = self._bar.add_task(name, total=budget, completed=used, best=best, rate="-",
+                                  status="compiling / first step...")
         self._t0, self._used0 = time.monotonic(), used
         return task
 
@@ -53,7 +55,7 @@ class Progress:
         b = state["budget"]
         dt = time.monotonic() - self._t0
         rate = f"{(b['used'] - self._used0) / dt:.0f}" if dt > 0 else "-"
-        self._bar.update(task, completed=b["used"], best=_best(b), rate=rate)
+        self._bar.update(task, completed=b["used"], best=_best(b), rate=rate, status="")
 
     def stop(self, task) -> None:
         if self._bar is not None and task is not None:
