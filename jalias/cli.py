@@ -268,11 +268,12 @@ def convert(
     dst: Path = typer.Argument(..., help="output checkpoint directory"),
     dtype: str = typer.Option("float32", help="stored dtype: float32 | bfloat16"),
     overwrite: bool = typer.Option(False, help="replace DST if it exists"),
+    config: Optional[Path] = typer.Option(None, help="the model's config.json, when SRC has none beside it"),
 ):
     """Convert a SAM3 checkpoint to a jalias (Orbax) checkpoint."""
     from .weights.convert import convert_command
 
-    convert_command(src, str(dst), dtype=dtype, overwrite=overwrite)
+    convert_command(src, str(dst), dtype=dtype, overwrite=overwrite, config=None if config is None else str(config))
 
 
 @app.command()

@@ -369,6 +369,10 @@ def test_corrupt_safetensors(ref, tmp_path):
         assert_clean_failure(dst)
 
 
+class _Opaque:
+    """An arbitrary class: torch.load(weights_only=True) refuses to unpickle it."""
+
+
 def test_corrupt_torch_files(ref, tmp_path):
     good = tmp_path / "good.pt"
     torch.save({"w": torch.zeros(1000)}, good)
@@ -376,20 +380,29 @@ def test_corrupt_torch_files(ref, tmp_path):
     (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
     (tmp_path / "text.bin").write_text("not a checkpoint\n" * 100)
     torch.save({"w": 3}, tmp_path / "not_tensor.pt")
+    torch.save({"w": _Opaque()}, tmp_path / "pickled.pt")  # loading it would need unpickling a class
     for name, message in [("truncated.pt", "cannot read .*truncated.pt as a torch checkpoint"),
                           ("text.bin", "cannot read .*text.bin as a torch checkpoint"),
+                          ("pickled.pt", "cannot read .*pickled.pt as a torch checkpoint .*never unpickles"),
                           ("not_tensor.pt", "entry 'w' is a int, not a tensor")]:
         with pytest.raises(ValueError, match=message) as err:
             convert(tmp_path / name, tmp_path / "out", config=ref.cfg, progress=False)
         assert "\n" not in str(err.value), name
+        assert "weights_only=False" not in str(err.value) and "set to False" not in str(err.value), name  # no such advice
         assert_clean_failure(tmp_path / "out")
 
 
 def test_missing_config_and_files(ref, tmp_path):
     shutil.copy(ref.hf_dir / "model.safetensors", tmp_path / "bare.safetensors")
-    with pytest.raises(ValueError, match=r"no config for .*bare.safetensors: put the model's config.json"):
+    with pytest.raises(ValueError, match=r"no config for .*bare.safetensors: put the model's config.json .*--config"):
         convert(tmp_path / "bare.safetensors", tmp_path / "out", progress=False)
     assert_clean_failure(tmp_path / "out")
+    # the command takes the config the error names (`jalias convert SRC DST --config PATH`)
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        convert_command(str(tmp_path / "bare.safetensors"), str(tmp_path / "out"), config=str(tmp_path / "no.json"))
+    convert_command(str(tmp_path / "bare.safetensors"), str(tmp_path / "converted"),
+                    config=str(ref.hf_dir / "config.json"))
+    assert load(tmp_path / "converted").config == ref.cfg
     with pytest.raises(FileNotFoundError, match="checkpoint not found: .*nothing_here"):
         load(tmp_path / "nothing_here")
     # sharded index pointing at a missing shard

@@ -215,7 +215,8 @@ def _config_beside(path: Path, config: Any, layout: str) -> Sam3Config:
         return as_config(beside)
     if layout == "meta_pt":
         return meta_config()  # sam3.pt has no config; Meta ships one model size (constants from Meta's builder)
-    raise ValueError(f"no config for {path}: put the model's config.json next to it or pass config=...")
+    raise ValueError(f"no config for {path}: put the model's config.json next to it, or pass it (jalias convert "
+                     "--config PATH, Python config=...)")
 
 
 def read_checkpoint(src: str | os.PathLike, config: Any = None) -> tuple[dict[str, np.ndarray], Sam3Config]:
@@ -409,14 +410,19 @@ def _human(n: float) -> str:
     raise AssertionError
 
 
-def convert_command(src: str, dst: str, dtype: str = "float32", overwrite: bool = False) -> str:
-    """Body of `jalias convert SRC DST [--dtype float32|bfloat16] [--overwrite]`: convert, print and return
+def convert_command(src: str, dst: str, dtype: str = "float32", overwrite: bool = False,
+                    config: str | None = None) -> str:
+    """Body of `jalias convert SRC DST [--dtype float32|bfloat16] [--overwrite] [--config config.json]`: convert,
+    print and return
     a one-line summary. Errors are ValueError (incl. WeightError) / FileNotFoundError / FileExistsError /
     ImportError with one-line messages, meant to be shown as they are."""
     _np_dtype(dtype)
     start = time.perf_counter()
     layout = detect_layout(src)
-    out = convert(src, dst, dtype=dtype, overwrite=overwrite, progress=True)
+    if config is not None and not Path(config).expanduser().is_file():
+        raise FileNotFoundError(f"config file not found: {config}")
+    out = convert(src, dst, dtype=dtype, config=None if config is None else Path(config).expanduser(),
+                  overwrite=overwrite, progress=True)
     meta = orbax_io.load_meta(out)
     line = (f"converted {src} ({layout}) -> {out}: {meta['param_count']:,} params, {meta['dtype']}, "
             f"{_human(disk_size(out))} on disk, {time.perf_counter() - start:.1f} s")

@@ -372,8 +372,10 @@ def load_meta_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
         raise ImportError("reading a Meta .pt checkpoint needs torch: pip install torch (CPU is enough)") from e
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read {path} as a torch checkpoint: {e}") from e
+    except Exception as e:  # torch's own message advises weights_only=False: never do that for a file you got
+        raise ValueError(f"cannot read {path} as a torch checkpoint ({type(e).__name__}): expected a state dict "
+                         "of tensors (Meta's sam3.pt); jalias reads .pt files with weights_only=True and never "
+                         "unpickles other objects") from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path}: expected a dict state dict, got {type(ckpt).__name__}")
     for wrapper in ("model", "state_dict"):
