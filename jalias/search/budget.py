@@ -19,13 +19,24 @@ class Scored:
 
     objective float32[N]: exact if full, else on the largest image subset reached (-inf if never scored).
     train_iou float32[N]: exact for full rows, NaN otherwise. rung int32[N]: last halving rung reached (-1 none).
-    full bool[N]: scored on all images.
+    full bool[N]: scored on all images. refused bool[N]: never scored because `Budget.keep` refused it (not for
+    want of budget).
     """
 
     objective: np.ndarray
     train_iou: np.ndarray
     rung: np.ndarray
     full: np.ndarray
+    refused: Optional[np.ndarray] = None
+
+    def __post_init__(self):
+        if self.refused is None:
+            self.refused = np.zeros(len(self.objective), bool)
+
+    @property
+    def unpaid(self) -> np.ndarray:
+        """bool[N]: rows left unscored because the budget ran out."""
+        return (self.rung < 0) & ~self.refused
 
     def best_full(self) -> Optional[int]:
         """Index of the best fully scored candidate (first on ties), or None."""
@@ -143,7 +154,7 @@ class Budget:
         part = self._evaluate(ids[ok], min_keep)
         n = ids.shape[0]
         out = Scored(np.full(n, -np.inf, np.float32), np.full(n, np.nan, np.float32), np.full(n, -1, np.int32),
-                     np.zeros(n, bool))
+                     np.zeros(n, bool), ~ok)
         for name in ("objective", "train_iou", "rung", "full"):
             getattr(out, name)[ok] = getattr(part, name)
         return out

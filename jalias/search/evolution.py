@@ -62,10 +62,11 @@ def select_parents(order: np.ndarray, n: int, config: EvolutionConfig, rng: np.r
 
 
 def make_children(pop: np.ndarray, parents: np.ndarray, allowed: np.ndarray, crossover_rate: float,
-                  mutation_rate: float, rng: np.random.Generator) -> np.ndarray:
+                  mutation_rate: float, rng: np.random.Generator, accept=None) -> np.ndarray:
     """int32[n, L] children of pop int32[P, L] from parents int[n, 2]: uniform crossover with probability
     crossover_rate (else a copy of the first parent), then each token mutated with probability mutation_rate.
-    Children equal to a population member or an earlier child get extra point mutations (up to 10 tries)."""
+    Children equal to a population member or an earlier child, or that accept(ids[1, L]) -> bool[1] refuses
+    (SearchRun.round_trips), get extra point mutations (up to 10 tries)."""
     n, length = parents.shape[0], pop.shape[1]
     cross = rng.random(n) < crossover_rate
     take_first = rng.random((n, length)) < 0.5
@@ -75,7 +76,7 @@ def make_children(pop: np.ndarray, parents: np.ndarray, allowed: np.ndarray, cro
     seen = {tuple(row) for row in pop.tolist()}
     for i in range(n):
         for _ in range(10):
-            if tuple(children[i].tolist()) not in seen:
+            if tuple(children[i].tolist()) not in seen and (accept is None or accept(children[i][None])[0]):
                 break
             children[i] = mutate(children[i], allowed, rng, 1)
         seen.add(tuple(children[i].tolist()))
@@ -108,7 +109,7 @@ def run(engine: ScoringEngine, config: Optional[EvolutionConfig] = None, *,
     if st is None:
         pop = initial_population(config, allowed, mutation_rate, rng, first=sr.initial_ids)
         scored = budget.evaluate(pop, min_keep=config.elitism)
-        if (scored.rung < 0).any():
+        if scored.unpaid.any():
             return sr.result("budget")
         st = sr.checkpoint({"population": pop.tolist(), "objective": scored.objective.tolist(),
                             "rung": scored.rung.tolist(), "generation": 0})
@@ -129,9 +130,10 @@ def run(engine: ScoringEngine, config: Optional[EvolutionConfig] = None, *,
         # 2. children of selected parents, scored (with halving, only the best reach all images)
         n_children = config.population - len(elites)
         parents = select_parents(order, n_children, config, rng)
-        children = make_children(pop, parents, allowed, config.crossover_rate, mutation_rate, rng)
+        children = make_children(pop, parents, allowed, config.crossover_rate, mutation_rate, rng,
+                                 accept=sr.round_trips)
         scored = budget.evaluate(children, min_keep=config.elitism)
-        if (scored.rung < 0).any():
+        if scored.unpaid.any():
             return sr.result("budget")
 
         # 3. next generation
