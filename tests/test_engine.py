@@ -238,6 +238,11 @@ def test_gt_resolutions_and_image_sizes(setup, engine):
     assert {im.shape[:2] for im in setup.images} == {(64, 64), (96, 72), (40, 40)}
     assert 4 * setup.cfg.vision.backbone.grid not in {s[0] for s in shapes}  # masks really are resized
     assert engine.n_images == 6 and engine.is_negative.tolist() == setup.negative
+    # three GT resolutions, one compiled scoring program (GTs padded to one bucket; exactness: the torch test)
+    one = Engine(setup.model, setup.images, setup.gts, negative=setup.negative, chunk_size=8, prefix_cache=False,
+                 compilation_cache=False)
+    one.score(setup.cand[:8])
+    assert one._targets.gt.shape == (6, 128, 128) and one._jit_iou._cache_size() == 1
 
 
 # ---- invariances -----------------------------------------------------------------------------------------------

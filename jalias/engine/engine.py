@@ -47,14 +47,14 @@ def enable_compilation_cache(path: str | None = None) -> str:
 
 
 @dataclass
-class _Group:
-    """Images whose GT masks share a resolution: scored together by one compiled program."""
+class _Targets:
+    """Every image's GT, padded to one bucket shape (Hb, Wb) so that one compiled program scores any mix of
+    resolutions: the padding is False in the GT and gets a zero row/column in the resize matrices, so the
+    predicted mask there is 0 (not > 0) and IoU counts exactly the real pixels."""
 
-    index: np.ndarray  # positions in the engine's image list
-    ctx: dict  # stacked image contexts [Kg, ...]
-    gt: jax.Array  # bool [Kg, H, W]
-    rows: jax.Array  # [H, h] bilinear resize matrix
-    cols: jax.Array  # [W, w]
+    gt: jax.Array  # bool [K, Hb, Wb]
+    rows: jax.Array  # [K, Hb, m] bilinear resize matrices (rows >= the image's H are zero)
+    cols: jax.Array  # [K, Wb, m]
 
 
 class Engine:
@@ -65,6 +65,8 @@ class Engine:
     the alias should predict nothing); chunk_size: candidates per compiled step (None: chosen from free memory);
     prefix_cache: reuse CLIP keys/values of shared prefixes; cache_dir: on-disk image-feature cache;
     prompt_mode: "meta" | "hf" | None (the model's own, see `Sam3`): which reference SAM3 the scores follow.
+    gt_bucket: GT masks are padded to the largest H and W rounded up to a multiple of this, so one compiled
+    program scores every mix of resolutions (and every image set whose largest size rounds alike, e.g. COCO's).
     """
 
     vocab_size: int
@@ -75,7 +77,7 @@ class Engine:
     def __init__(self, model: Sam3, images: Sequence, gt_masks: Sequence, negative: Sequence[bool] | None = None,
                  chunk_size: int | None = None, prefix_cache: bool = True, cache_dir: str | None = None,
                  threshold: float = 0.5, negative_weight: float = 0.5, devices: Sequence | None = None,
-                 compilation_cache: bool = True, prompt_mode: str | None = None):
+                 compilation_cache: bool = True, prompt_mode: str | None = None, gt_bucket: int = 64):
         if len(images) == 0:
             raise ValueError("Engine needs at least one image")
         if len(images) != len(gt_masks):
@@ -98,8 +100,13 @@ class Engine:
         self.devices = list(devices) if devices is not None else jax.local_devices()
         self.mesh = Mesh(np.array(self.devices), ("cand",))
         self.gts = [self._check_gt(m, i) for i, m in enumerate(gt_masks)]
-        self.contexts = self._image_contexts(images, cache_dir)
-        self._groups = self._make_groups()
+        if gt_bucket < 1:
+            raise ValueError(f"gt_bucket must be >= 1 pixel, got {gt_bucket}")
+        # the image contexts, stacked [K, ...] once and held once (exact scoring and the soft loss read the same copy)
+        rep = NamedSharding(self.mesh, P())
+        self._ctx = jax.device_put(jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, 0),
+                                                          *self._image_contexts(images, cache_dir)), rep)
+        self._targets = self._make_targets(gt_bucket, rep)
         self._soft = self._make_soft_targets()
         self.chunk_size = self._round_chunk(chunk_size or self._auto_chunk())
         self._jit_text = jax.jit(self._text_fn, static_argnames=("prefix",))
@@ -142,28 +149,29 @@ class Engine:
     def _ctx_structure(self, px) -> dict:
         return jax.eval_shape(lambda p, x: self.model.apply("encode_image", x, params=p), self.model.params, px)
 
-    def _make_groups(self) -> list[_Group]:
-        by_shape: dict[tuple, list[int]] = {}
-        for i, g in enumerate(self.gts):
-            by_shape.setdefault(g.shape, []).append(i)
-        rep = NamedSharding(self.mesh, P())
+    @property
+    def contexts(self) -> list[dict]:
+        """Per-image contexts (batch 1), sliced from the one stacked copy on access."""
+        return [jax.tree_util.tree_map(lambda x: x[i:i + 1], self._ctx) for i in range(self.n_images)]
+
+    def _make_targets(self, bucket: int, rep) -> _Targets:
+        up = lambda n: -(-n // bucket) * bucket  # noqa: E731
+        hb, wb = up(max(g.shape[0] for g in self.gts)), up(max(g.shape[1] for g in self.gts))
         m = 4 * self.config.vision.backbone.grid
-        groups = []
-        for (h, w), idx in by_shape.items():
-            ctx = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, 0), *[self.contexts[i] for i in idx])
-            groups.append(_Group(
-                index=np.asarray(idx),
-                ctx=jax.device_put(ctx, rep),
-                gt=jax.device_put(np.stack([self.gts[i] for i in idx]), rep),
-                rows=jnp.asarray(scoring.bilinear_matrix(h, m)),
-                cols=jnp.asarray(scoring.bilinear_matrix(w, m))))
-        return groups
+        gt = np.zeros((self.n_images, hb, wb), bool)
+        rows = np.zeros((self.n_images, hb, m), np.float32)
+        cols = np.zeros((self.n_images, wb, m), np.float32)
+        for i, g in enumerate(self.gts):
+            h, w = g.shape
+            gt[i, :h, :w] = g
+            rows[i, :h] = scoring.bilinear_matrix(h, m)
+            cols[i, :w] = scoring.bilinear_matrix(w, m)
+        return _Targets(*(jax.device_put(x, rep) for x in (gt, rows, cols)))
 
     def _make_soft_targets(self) -> dict:
         m = 4 * self.config.vision.backbone.grid
-        ctx = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, 0), *self.contexts)
         gt = np.stack([scoring.area_resize(g, m) for g in self.gts])
-        return {"ctx": ctx, "gt": jnp.asarray(gt), "neg": jnp.asarray(self.is_negative)}
+        return {"ctx": self._ctx, "gt": jnp.asarray(gt), "neg": jnp.asarray(self.is_negative)}
 
     def _auto_chunk(self) -> int:
         """Candidates per step from free device memory and a per-candidate activation estimate."""
@@ -205,14 +213,15 @@ class Engine:
         return self.model.apply("encode_text", emb, mask, params=params)
 
     def _iou_fn(self, params, prompt, mask, ctx, gt, rows, cols, batch: int):
-        """prompt [n, T, D] x Kg images -> iou [n, Kg] (images mapped sequentially to bound memory)."""
+        """prompt [n, T, D] x k images (ctx, gt [k, Hb, Wb], rows [k, Hb, m], cols [k, Wb, m]) -> iou [n, k]
+        (images mapped sequentially to bound memory)."""
         def one(args):
-            c, g = args
+            c, g, r, cl = args
             c = jax.tree_util.tree_map(lambda x: x[None], c)
             out = self.model.apply("detect_fast", c, prompt, mask, params=params)
-            return scoring.exact_iou(out, g, rows, cols, self.threshold, batch)
+            return scoring.exact_iou(out, g, r, cl, self.threshold, batch)
 
-        return jax.lax.map(one, (ctx, gt)).T
+        return jax.lax.map(one, (ctx, gt, rows, cols)).T
 
     def _soft_loss_fn(self, embeds, params, weights, negative_weight, soft):
         """embeds [L, Ct] continuous content-token embeddings -> 1 - soft objective (scalar).
@@ -308,20 +317,16 @@ class Engine:
         ids_d, mask_d = jax.device_put(ids, cand), jax.device_put(mask, cand)
         prompt = self._jit_text(self.model.params, ids_d, mask_d, ref_feats, ref_kv, prefix=prefix)
         detect_mask = jax.device_put(self.model.prompt_mask(ids, mask), cand)
-        out = np.zeros((n, len(sel)), np.float32)
-        col = {int(i): j for j, i in enumerate(sel)}
-        for g in self._groups:
-            wanted = [k for k, i in enumerate(g.index) if int(i) in col]
-            if not wanted:
-                continue
-            ctx = g.ctx if len(wanted) == len(g.index) else jax.tree_util.tree_map(lambda x: x[np.asarray(wanted)], g.ctx)
-            gt = g.gt if len(wanted) == len(g.index) else g.gt[np.asarray(wanted)]
-            batch = max(1, min(bucket, int(2e8 // (self.config.decoder.num_queries * gt.shape[-1] * gt.shape[-2] * 4))))
-            iou = _fetch(self._jit_iou(self.model.params, prompt, detect_mask, ctx, gt, g.rows, g.cols,
-                                           batch=batch))
-            for k, w in enumerate(wanted):
-                out[:, col[int(g.index[w])]] = iou[:n, k]
-        return out
+        t = self._targets
+        sel = np.asarray(sel, int)
+        if sel.size == self.n_images and (sel == np.arange(self.n_images)).all():
+            ctx, gt, rows, cols = self._ctx, t.gt, t.rows, t.cols
+        else:
+            ctx = jax.tree_util.tree_map(lambda x: x[sel], self._ctx)
+            gt, rows, cols = t.gt[sel], t.rows[sel], t.cols[sel]
+        batch = max(1, min(bucket, int(2e8 // (self.config.decoder.num_queries * gt.shape[-1] * gt.shape[-2] * 4))))
+        iou = _fetch(self._jit_iou(self.model.params, prompt, detect_mask, ctx, gt, rows, cols, batch=batch))
+        return np.asarray(iou[:n], np.float32)
 
     # soft / gradient interface ------------------------------------------------------------------------------------
     def _weights(self, images) -> jax.Array:
