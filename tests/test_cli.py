@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -291,8 +292,6 @@ def test_out_of_memory_halves_chunk_size_then_fails_cleanly(coco, reference_run,
 
 # ---- errors -----------------------------------------------------------------------------------------------------
 def _copy_coco(coco, dst: Path) -> tuple[Path, Path]:
-    import shutil
-
     ann, images = coco
     shutil.copytree(images, dst / "images")
     shutil.copy(ann, dst / "annotations.json")
@@ -318,9 +317,19 @@ def test_error_corrupt_image_keeps_finished_categories(coco, tmp_path):
     line = error_line(invoke("search", "--weights", "tiny", "--annotations", ann, "--images", images,
                              "--out", out, *SEARCH_ARGS))
     assert "cannot read image file" in line and victim in line
+    # the error says what finished and how to go on; the finished category is summarised and reported
+    assert f"1 of 2 categories finished, kept and reported in {out}: {CONCEPTS[0]}" in line
+    assert "--resume to continue" in line
     summary = json.loads((out / "all_results.json").read_text())
     assert list(summary["categories"]) == [CONCEPTS[0]] and summary["finished"] == 1
     assert "error:" in (out / "log.txt").read_text()
+    assert CONCEPTS[0] in (out / "report.html").read_text()
+    # after the fix, --resume keeps the finished category and does the rest
+    shutil.copy(coco[1] / victim, images / victim)
+    ok(invoke("search", "--weights", "tiny", "--annotations", ann, "--images", images, "--out", out, *SEARCH_ARGS,
+              "--resume"))
+    assert json.loads((out / "all_results.json").read_text())["finished"] == 2
+    assert f"{CONCEPTS[0]}: finished earlier, skipped" in (out / "log.txt").read_text()
 
 
 def test_error_unknown_category(coco, tmp_path):

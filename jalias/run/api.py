@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .io import clean, mean
+from .io import RunError, clean, mean
 from .model import adapter_paths, load_model, weights_spec
 from .pipeline import KillSwitch, SimulatedKill, make_engine, score_one, search_category
 from .progress import Progress
@@ -58,6 +58,7 @@ def search_dataset(weights: str, annotations: str | os.PathLike, images: str | o
         settings.prompt_mode = run.read_settings().prompt_mode  # continue in the mode the run started with
     run.prepare(settings, resume, overwrite)
     log = run.log
+    cats: list[dict] = []
     try:
         concepts = load_coco(settings.annotations, settings.images, settings.categories, settings.max_images, log=log)
         taken: set[str] = set()
@@ -96,9 +97,22 @@ def search_dataset(weights: str, annotations: str | os.PathLike, images: str | o
         raise
     except Exception as e:
         log(f"error: {type(e).__name__}: {e}")
-        if run.finished_results():
-            run.write_summary(settings)
-        raise
+        done = run.finished_results()
+        if not done:
+            raise
+        # nothing finished is lost: summary and report of what finished, and how to go on
+        run.write_summary(settings)
+        if report:
+            from .report import write_report
+
+            try:
+                write_report(run.path)
+            except Exception as r:  # the report must not hide the error that stopped the run
+                log(f"report not written: {type(r).__name__}: {r}")
+        names = ", ".join(r["category"] for r in done[:5]) + (", ..." if len(done) > 5 else "")
+        total = f" of {len(cats)}" if cats else ""
+        raise RunError(f"{e} ({len(done)}{total} categories finished, kept and reported in {run.path}: {names}; "
+                       "fix the input and run the same command with --resume to continue)") from e
 
 
 def demo(out: str | os.PathLike = "runs/demo", budget: int = 1000, method: str = "gcg",
