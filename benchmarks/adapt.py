@@ -17,10 +17,19 @@ the 8 held-out images with the engine's exact IoU:
   is how far the adapter moves other words' masks.
   (`collateral_gt`: the same for the gt-teacher adapter.)
 
+`--trained`: the trained small SAM3 (weights/small) instead, on OOD concepts of its training world (tomato,
+heart, blue triangle: a new name, a new shape, a new colour-shape combination), real ground truth throughout. The
+alias is found by gcg (measured settings, default vocabulary, 1,000 evaluations; from the label when it scores
+above 0 on a search scene, else from random tokens, the run pipeline's rule) on 6 search scenes; adapters are
+trained on those and measured on 6 held-out scenes; collateral is the mean change, with the adapter, of other
+concepts' label IoU against their real ground truth (every ID concept sharing a word with the label, 12 more ID
+concepts, the other 10 OOD concepts; 2 fresh scenes each).
+
 Targets (the issue's): label_after_alias >= 0.9 x alias where an alias was found; collateral >= -0.02 (embed:
 exactly 0); and the answer to "alias teacher vs gt teacher at equal steps".
 
     PYTHONPATH=. python benchmarks/adapt.py --quick --json benchmarks/out/adapt.json --out benchmarks/out
+    PYTHONPATH=. python benchmarks/adapt.py --trained --json benchmarks/out/adapt_trained.json --out benchmarks/out
 """
 from __future__ import annotations
 
@@ -45,10 +54,16 @@ from jalias.search import METHODS, HalvingConfig, run_search  # noqa: E402
 from jalias.search.defaults import MEASURED  # noqa: E402
 from jalias.tokenizer import detokenize, encode  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from planted import method_config  # noqa: E402
+
 OTHER_LABELS = ("striped blob", "checkered star", "dotted ring", "zigzag crescent", "gridded hexagon",
                 "speckled cross", "striped star", "blob", "red star", "blue triangle", "tomato", "heart")
 PRESETS = {
     "quick": dict(problems=[10, 11], kinds=["embed", "lora"], steps=150, budget=2000, alias="hidden"),
+    # the trained small SAM3 (weights/small) on the OOD concepts the OOD benchmark found aliases for
+    "trained": dict(concepts=["tomato", "heart", "blue_triangle"], kinds=["embed", "lora"], steps=150, budget=1000,
+                    n_search=6, n_heldout=6, collateral_images=2),
     "full": dict(problems=[10, 11, 12, 13, 14, 15], kinds=["embed", "lora"], steps=300, budget=5000,
                  alias="search"),
 }
@@ -103,35 +118,111 @@ def run_problem(p: int, kinds: list[str], steps: int, budget: int, alias_mode: s
     others = [encode(t) for t in OTHER_LABELS if encode(t) != label]
     held_ctx = image_contexts(model, prob.heldout_images)
     base_masks = masks_of(model, prob.heldout_images, held_ctx, others)
-    ctx = image_contexts(model, prob.search_images)
+    base = {"label_before": label_before, "alias": alias_iou}
+    return adapt_rows(model, f"planted-{p}", prob.label, label, alias, base, (prob.search_images, prob.search_masks),
+                      held, lambda adapted: collateral(base_masks, adapted, prob.heldout_images, held_ctx, others),
+                      kinds, steps, preserve, log)
+
+
+def adapt_rows(model, category: str, label_text: str, label: list[int], alias: list[int], base: dict, search,
+               held, collateral_of, kinds: list[str], steps: int, preserve: float, log) -> list[dict]:
+    """Per adapter kind: an alias-teacher and a gt-teacher adapter for `label` trained on the search images
+    (equal steps, same optimiser), measured on the held-out images; collateral_of(adapted) -> (mean, per label)."""
+    search_images, search_masks = search
+    neg = [not m.any() for m in search_masks]
+    ctx = image_contexts(model, search_images)
     outputs = teacher_outputs(model, alias, ctx)
     m, q = 4 * model.config.vision.backbone.grid, model.config.decoder.num_queries
     rows = []
     for kind in kinds:
-        row = {"category": f"planted-{p}", "label": prob.label, "kind": kind, "steps": steps,
-               "alias_text": detokenize(alias), "label_before": label_before, "alias": alias_iou,
-               "w_preserve": preserve}
+        row = {"category": category, "label": label_text, "kind": kind, "steps": steps,
+               "alias_text": detokenize(alias), **base, "w_preserve": preserve}
         for teacher in ("alias", "gt"):
             cfg = AdaptConfig(kind=kind, teacher=teacher, steps=steps, w_preserve=preserve)
             targets = (alias_targets(ctx, outputs, cfg) if teacher == "alias" else
-                       gt_targets(ctx, prob.search_masks, [False] * len(prob.search_masks), q, m, cfg))
+                       gt_targets(ctx, search_masks, neg, q, m, cfg))
             t = time.perf_counter()
-            adapter = train_adapter(model, label, targets, cfg, label=prob.label, progress=False)
+            adapter = train_adapter(model, label, targets, cfg, label=label_text, progress=False)
             secs = time.perf_counter() - t
             adapted = apply_adapters(model, [adapter])
             row[f"label_after_{teacher}"] = score(adapted, *held, label)
-            row[f"label_after_{teacher}_search"] = score(adapted, prob.search_images, prob.search_masks, label)
-            c, per = collateral(base_masks, adapted, prob.heldout_images, held_ctx, others)
+            row[f"label_after_{teacher}_search"] = score(adapted, search_images, search_masks, label)
+            c, per = collateral_of(adapted)
             row["collateral" if teacher == "alias" else "collateral_gt"] = c
             row[f"collateral_{teacher}_min"] = float(min(per))
             row[f"loss_{teacher}"] = [adapter.metrics["loss_first"], adapter.metrics["loss_last"]]
             row[f"seconds_{teacher}"] = secs
             row["adapter_params"] = adapter.num_params
-        log(f"  {kind:5s} label {label_before:.3f} -> alias-teacher {row['label_after_alias']:.3f} / gt-teacher "
-            f"{row['label_after_gt']:.3f} (alias {alias_iou:.3f}); collateral {row['collateral']:+.4f} / "
-            f"{row['collateral_gt']:+.4f}; {row['seconds_alias']:.0f}s + {row['seconds_gt']:.0f}s")
+        log(f"  {kind:5s} label {row['label_before']:.3f} -> alias-teacher {row['label_after_alias']:.3f} / "
+            f"gt-teacher {row['label_after_gt']:.3f} (alias {row['alias']:.3f}); collateral "
+            f"{row['collateral']:+.4f} / {row['collateral_gt']:+.4f}; {row['seconds_alias']:.0f}s + "
+            f"{row['seconds_gt']:.0f}s")
         rows.append(row)
     return rows
+
+
+def collateral_set(name: str, n_images: int, size: int) -> list[tuple[str, list[int], list, list]]:
+    """Other concepts of the training world whose labels an adapter for `name` could disturb, with real ground
+    truth: every ID concept sharing a word with its label, 12 more ID concepts (a fixed spread), every other OOD
+    concept; n_images fresh scenes each (seed 2: neither search nor held-out images)."""
+    from jalias.data import world
+    from jalias.train.evaluate import concept_images
+
+    mine = world.OOD_BY_NAME[name]
+    words = set(mine.label.split())
+    ids = list(world.ID_CONCEPTS)
+    near = [c for c in ids if words & set(c.label.split())]
+    spread = [c for c in ids[::max(1, len(ids) // 12)] if c not in near][:12]
+    ood = [c for c in world.OOD_CONCEPTS if c.name != name]
+    return [(c.label, encode(c.label), *concept_images(c, n_images, size, seed=2)) for c in near + spread + ood]
+
+
+def trained_collateral(model, others) -> callable:
+    """collateral_of(adapted) for the trained model: mean over the other labels of (IoU with the adapter - IoU
+    without) against their real ground truth (one Scorer per label: its image features are computed once)."""
+    from jalias.train.evaluate import Scorer
+
+    scorers = [(ids, Scorer(model, images, gts)) for _, ids, images, gts in others]
+    before = [float(s(ids).mean()) for ids, s in scorers]
+
+    def of(adapted):
+        per = []
+        for (ids, s), b in zip(scorers, before):
+            s.model = adapted  # the adapters change only prompt-side weights: the cached image features hold
+            per.append(float(s(ids).mean()) - b)
+            s.model = model
+        return float(np.mean(per)), per
+
+    return of
+
+
+def run_trained(name: str, preset: dict, log, preserve: float = 0.0, weights: str = "weights/small") -> list[dict]:
+    """One OOD concept of the training world on the trained small SAM3: alias found by gcg (the measured
+    settings, default vocabulary) on the search images, adapters as in `adapt_rows`, held-out images with real
+    ground truth, collateral on other concepts' labels with real ground truth."""
+    from jalias.data import world
+    from jalias.train.evaluate import concept_images
+    from jalias.weights import load
+
+    t0 = time.perf_counter()
+    model = load(weights, dtype="float32")
+    c = world.OOD_BY_NAME[name]
+    size = model.config.image_size
+    search = concept_images(c, preset["n_search"], size, seed=0)
+    held = concept_images(c, preset["n_heldout"], size, seed=1)
+    label = [int(i) for i in encode(c.label)]
+    engine = Engine(model, *search)
+    # the run pipeline's rule (as in `jalias demo`): start from the label unless it scores 0 everywhere
+    init = dict(init="label", label_ids=label) if engine.score(np.asarray([label])).max() > 0 else {}
+    method, cfg = method_config("gcg", length=4, budget=preset["budget"], seed=0, **init)
+    best = run_search(method, engine, cfg).best[0]
+    alias = [int(i) for i in best.ids]
+    base = {"label_before": score(model, *held, label), "alias": score(model, *held, alias)}
+    log(f"{name} ({c.label!r}): label {base['label_before']:.3f}, alias {detokenize(alias)!r} {base['alias']:.3f} "
+        f"(held-out; search {best.train_iou:.3f}; {time.perf_counter() - t0:.0f}s)")
+    others = collateral_set(name, preset["collateral_images"], size)
+    return adapt_rows(model, name, c.label, label, alias, base, search, held, trained_collateral(model, others),
+                      preset["kinds"], preset["steps"], preserve, log)
 
 
 def verdict(rows: list[dict]) -> dict:
@@ -185,6 +276,9 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="2 problems, 150 steps, the hidden sequence as alias "
                                                          "(<= 5 min)")
+    ap.add_argument("--trained", action="store_true", help="the trained small SAM3 (weights/small) on OOD concepts "
+                                                           "of the training world, real ground truth throughout")
+    ap.add_argument("--concepts", type=str, default=None, help="with --trained: comma-separated OOD concepts")
     ap.add_argument("--problems", type=str, default=None, help="comma-separated planted seeds")
     ap.add_argument("--kinds", type=str, default=None, help="embed,lora")
     ap.add_argument("--steps", type=int, default=None)
@@ -196,7 +290,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", type=str, default=None)
     ap.add_argument("--out", type=str, default="benchmarks/out")
     a = ap.parse_args(argv)
-    preset = dict(PRESETS["quick" if a.quick else "full"])
+    preset = dict(PRESETS["trained" if a.trained else "quick" if a.quick else "full"])
+    if a.concepts:
+        preset["concepts"] = a.concepts.split(",")
     if a.problems:
         preset["problems"] = [int(x) for x in a.problems.split(",")]
     if a.kinds:
@@ -206,9 +302,13 @@ def main(argv=None) -> dict:
             preset[k] = getattr(a, k)
     t0 = time.perf_counter()
     rows = []
-    for p in preset["problems"]:
-        rows += run_problem(p, preset["kinds"], preset["steps"], preset["budget"], preset["alias"], print,
-                            a.preserve)
+    if a.trained:
+        for name in preset["concepts"]:
+            rows += run_trained(name, preset, print, a.preserve)
+    else:
+        for p in preset["problems"]:
+            rows += run_problem(p, preset["kinds"], preset["steps"], preset["budget"], preset["alias"], print,
+                                a.preserve)
     res = {"categories": [{k: r[k] for k in ("category", "kind", "label_before", "label_after_alias",
                                              "label_after_gt", "alias", "collateral")} | r for r in rows],
            "verdict": verdict(rows), "settings": {**preset, "w_preserve": a.preserve, "config": AdaptConfig().to_dict()},
