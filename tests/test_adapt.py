@@ -22,7 +22,7 @@ from jalias.adapt import (AdaptConfig, AdaptedSam3, AdaptError, alias_targets, a
                           image_contexts, load_adapter, make_step, save_adapter, teacher_outputs, train_adapter)
 from jalias.adapt.adapters import Adapter, fresh_lora, lora_targets, model_fingerprint
 from jalias.cli import app
-from jalias.data import load_coco, make_dataset, write_coco
+from jalias.data import iou, load_coco, make_dataset, write_coco
 from jalias.engine import Engine
 from jalias.engine.predict import layout
 from jalias.model.sam3 import Sam3
@@ -133,12 +133,12 @@ def test_embed_leaves_other_prompts_bit_identical(model, data):
 def test_training_lowers_the_distillation_loss(model, data, trained):
     losses = trained.metrics["losses"]
     assert len(losses) == STEPS and trained.metrics["loss_last"] < 0.97 * losses[0], losses
-    # independent: the adapted label's query probabilities move towards the alias's
-    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
-    teacher = sig(data["outputs"]["pred_logits"])
-    before = sig(teacher_outputs(model, data["label"], data["ctx"])["pred_logits"])
-    after = sig(teacher_outputs(apply_adapters(model, [trained]), data["label"], data["ctx"])["pred_logits"])
-    assert np.abs(after - teacher).mean() < 0.9 * np.abs(before - teacher).mean()  # measured 0.85
+    # independent of the loss: the adapted label's predicted masks (the prediction rule) move towards the alias's
+    teacher = data["outputs"]["union_logits"] > 0
+    before = teacher_outputs(model, data["label"], data["ctx"])["union_logits"] > 0
+    after = teacher_outputs(apply_adapters(model, [trained]), data["label"], data["ctx"])["union_logits"] > 0
+    agree = lambda a: float(iou(a, teacher).mean())  # noqa: E731
+    assert 1 - agree(after) < 0.9 * (1 - agree(before))  # disagreement: measured 0.089 -> 0.076 (x0.85)
 
 
 def test_loss_matches_a_numpy_restatement(model, data):

@@ -286,9 +286,14 @@ class Engine:
         result = np.zeros((n, len(sel)), np.float32)
         if n == 0 or len(sel) == 0:
             return result
+        # shortest text bucket: CLIP is causal and every later stage masks padding, so the positions after the
+        # longest prompt's END change nothing; run only up to it (rounded up to a multiple of 8, few programs)
+        width = min(input_ids.shape[1], -(-int(mask.sum(1).max()) // 8) * 8)
+        input_ids, mask = input_ids[:, :width], mask[:, :width]
         # prefix grouping: order candidates by shared-prefix length with the reference
         if self.prefix_cache and reference is not None:
             ref_ids, ref_mask = scoring.layout_prompts(np.asarray(reference, np.int32)[None], self.config.context_length)
+            ref_ids, ref_mask = ref_ids[:, :width], ref_mask[:, :width]
             shared = _shared_prefix(input_ids, mask, ref_ids[0], ref_mask[0])
             order = np.argsort(-shared, kind="stable")
             ref_feats, ref_kv = self._ref(ref_ids, ref_mask)
