@@ -22,8 +22,8 @@ heart, blue triangle: a new name, a new shape, a new colour-shape combination), 
 alias is found by gcg (measured settings, default vocabulary, 1,000 evaluations; from the label when it scores
 above 0 on a search scene, else from random tokens, the run pipeline's rule) on 6 search scenes; adapters are
 trained on those and measured on 6 held-out scenes; collateral is the mean change, with the adapter, of other
-concepts' label IoU against their real ground truth (every ID concept sharing a word with the label, 12 more ID
-concepts, the other 10 OOD concepts; 2 fresh scenes each).
+concepts' label IoU against their real ground truth (every ID concept sharing a word with the label, up to 12
+more ID concepts, the other 10 OOD concepts; 2 fresh scenes each).
 
 Targets (the issue's): label_after_alias >= 0.9 x alias where an alias was found; collateral >= -0.02 (embed:
 exactly 0); and the answer to "alias teacher vs gt teacher at equal steps".
@@ -163,7 +163,7 @@ def adapt_rows(model, category: str, label_text: str, label: list[int], alias: l
 
 def collateral_set(name: str, n_images: int, size: int) -> list[tuple[str, list[int], list, list]]:
     """Other concepts of the training world whose labels an adapter for `name` could disturb, with real ground
-    truth: every ID concept sharing a word with its label, 12 more ID concepts (a fixed spread), every other OOD
+    truth: every ID concept sharing a word with its label, up to 12 more ID concepts (a fixed spread), every other OOD
     concept; n_images fresh scenes each (seed 2: neither search nor held-out images)."""
     from jalias.data import world
     from jalias.train.evaluate import concept_images
