@@ -182,6 +182,8 @@ def search(
     no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar"),
     prompt_mode: Optional[str] = typer.Option(None, "--prompt-mode", help=PROMPT_MODE_HELP),
     adapter: Optional[List[str]] = typer.Option(None, "--adapter", help=ADAPTER_HELP),
+    skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="leave unreadable images out (listed "
+                                         "in the report) instead of stopping before the search"),
 ):
     """Search an alias for each category of a COCO dataset (label baseline, search, held-out evaluation)."""
     from .run.api import search_dataset
@@ -191,7 +193,7 @@ def search(
         length=length, max_images=max_images, heldout=heldout, negatives=negatives, seed=seed, out=out,
         resume=resume, overwrite=overwrite, chunk_size=chunk_size, init=init, negative_weight=negative_weight,
         dtype=dtype, options=_options(set_), checkpoint_every=checkpoint_every, progress=not no_progress,
-        prompt_mode=prompt_mode, adapters=adapter)
+        prompt_mode=prompt_mode, adapters=adapter, skip_bad_images=skip_bad_images)
     _print_results(summary, out, f"jalias search ({method}, {budget} evaluations per category)")
 
 

@@ -306,7 +306,12 @@ def test_error_missing_image(coco, tmp_path):
     assert "image file not found" in line and "dotted_ring_002.png" in line
 
 
-def test_error_corrupt_image_keeps_finished_categories(coco, tmp_path):
+def test_error_corrupt_image_keeps_finished_categories(coco, tmp_path, monkeypatch):
+    """An image that becomes unreadable after the up-front check (e.g. on a network file system): the run stops
+    at it and keeps what finished."""
+    import jalias.run.api as api
+
+    monkeypatch.setattr(api, "check_images", lambda concepts, settings, skip, log: (concepts, {}))
     ann, images = _copy_coco(coco, tmp_path)
     # an image that only the second category uses
     first, second = load_coco(ann, images, CONCEPTS, max_images=4)
@@ -330,6 +335,26 @@ def test_error_corrupt_image_keeps_finished_categories(coco, tmp_path):
               "--resume"))
     assert json.loads((out / "all_results.json").read_text())["finished"] == 2
     assert f"{CONCEPTS[0]}: finished earlier, skipped" in (out / "log.txt").read_text()
+
+
+def test_bad_images_are_found_before_any_search_or_skipped(coco, tmp_path):
+    ann, images = _copy_coco(coco, tmp_path)
+    first, second = load_coco(ann, images, CONCEPTS, max_images=4)
+    victim = next(i for i in second.image_ids if i not in set(first.image_ids) | set(first.negative_ids[:2]))
+    (images / victim).write_bytes(b"this is not a png")
+    out = tmp_path / "run"
+    line = error_line(invoke("search", "--weights", "tiny", "--annotations", ann, "--images", images,
+                             "--out", out, *SEARCH_ARGS))
+    assert victim in line and "before any search" in line and "--skip-bad-images" in line
+    assert not list(out.glob("*_*.json")) and not (out / "state").exists()  # nothing was searched
+    result = ok(invoke("search", "--weights", "tiny", "--annotations", ann, "--images", images, "--out", out,
+                       *SEARCH_ARGS, "--skip-bad-images", "--overwrite"))
+    summary = json.loads((out / "all_results.json").read_text())
+    assert summary["finished"] == 2 and list(summary["skipped_images"]) == [victim]
+    res = json.loads((out / f"{CONCEPTS[1]}.json").read_text())
+    used = res["images"]["search"] + res["images"]["heldout"]
+    assert victim not in used and len(used) == 3  # 4 positives asked for, the unreadable one left out
+    assert victim in (out / "report.html").read_text() and f"skipped unreadable image {victim}" in result.stderr
 
 
 def test_error_unknown_category(coco, tmp_path):
@@ -582,3 +607,24 @@ def test_progress_says_compiling_until_the_first_step():
     assert "compiling" in first and "0/1000" in first
     last = buf.getvalue()[len(first):]
     assert "100/1000" in last and "best IoU 0.400" in last and "compiling" not in last
+
+
+@pytest.mark.parametrize("damage", ["every file", "data files only"])
+def test_damaged_checkpoint_is_one_line_and_no_noise(tmp_path, damage):
+    """A checkpoint whose files hold random bytes: exit 1 and exactly one line on the real stderr of a fresh
+    process (no absl warning, no asyncio 'Event loop is closed' tracebacks at shutdown)."""
+    if not embedded_tiny_path().exists():
+        pytest.skip("weights/tiny not present")
+    bad = tmp_path / "bad"
+    shutil.copytree(embedded_tiny_path(), bad)
+    rng = np.random.default_rng(0)
+    files = [f for f in (bad / "params").rglob("*") if f.is_file()]
+    if damage == "data files only":
+        files = [f for f in files if f.parent.name == "d"]
+    for f in files:
+        f.write_bytes(rng.integers(0, 256, max(f.stat().st_size, 16), dtype=np.uint8).tobytes())
+    out = subprocess.run([sys.executable, "-m", "jalias.cli", "eval", "--weights", str(bad), "--annotations", "x",
+                          "--images", "y", "--prompt", "a"], capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert out.returncode == 1 and len(lines) == 1, out.stderr
+    assert lines[0].startswith(f"error: cannot restore Orbax params from {bad / 'params'}")

@@ -257,6 +257,17 @@ def test_prefix_cache_off_gives_identical_scores(engine, setup, scores):
     np.testing.assert_array_equal(engine.score(setup.cand, reference=setup.cand[5]), scores)
 
 
+def test_text_bucket_gives_identical_scores(setup, scores):
+    """Prompts cut after the longest END (rounded to 8 positions, the default) score exactly as the whole
+    32-token context (text_bucket=0): CLIP is causal and every later stage masks padding."""
+    full = subset_engine(setup, setup.model, chunk_size=8, text_bucket=0)
+    got = full.score(setup.cand)
+    assert -(-(setup.cand.shape[1] + 2) // 8) * 8 < full.max_length + 2  # the default bucket really cuts (16 < 32)
+    np.testing.assert_array_equal(got, scores[:, SUBSET])
+    with pytest.raises(ValueError, match="text_bucket"):
+        subset_engine(setup, setup.model, text_bucket=-1)
+
+
 def test_image_subsets_and_eval_count(engine, setup, scores):
     before = engine.evals
     order = [3, 0, 1, 4, 5]  # whole GT groups, permuted

@@ -67,6 +67,7 @@ class Engine:
     prompt_mode: "meta" | "hf" | None (the model's own, see `Sam3`): which reference SAM3 the scores follow.
     gt_bucket: GT masks are padded to the largest H and W rounded up to a multiple of this, so one compiled
     program scores every mix of resolutions (and every image set whose largest size rounds alike, e.g. COCO's).
+    text_bucket: prompts run up to the longest one's END rounded up to a multiple of this (0: the whole context).
     """
 
     vocab_size: int
@@ -77,7 +78,8 @@ class Engine:
     def __init__(self, model: Sam3, images: Sequence, gt_masks: Sequence, negative: Sequence[bool] | None = None,
                  chunk_size: int | None = None, prefix_cache: bool = True, cache_dir: str | None = None,
                  threshold: float = 0.5, negative_weight: float = 0.5, devices: Sequence | None = None,
-                 compilation_cache: bool = True, prompt_mode: str | None = None, gt_bucket: int = 64):
+                 compilation_cache: bool = True, prompt_mode: str | None = None, gt_bucket: int = 64,
+                 text_bucket: int = 8):
         if len(images) == 0:
             raise ValueError("Engine needs at least one image")
         if len(images) != len(gt_masks):
@@ -102,6 +104,9 @@ class Engine:
         self.gts = [self._check_gt(m, i) for i, m in enumerate(gt_masks)]
         if gt_bucket < 1:
             raise ValueError(f"gt_bucket must be >= 1 pixel, got {gt_bucket}")
+        if text_bucket < 0:
+            raise ValueError(f"text_bucket must be >= 0 tokens (0: the whole context), got {text_bucket}")
+        self.text_bucket = int(text_bucket)
         # the image contexts, stacked [K, ...] once and held once (exact scoring and the soft loss read the same copy)
         rep = NamedSharding(self.mesh, P())
         self._ctx = jax.device_put(jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, 0),
@@ -287,8 +292,9 @@ class Engine:
         if n == 0 or len(sel) == 0:
             return result
         # shortest text bucket: CLIP is causal and every later stage masks padding, so the positions after the
-        # longest prompt's END change nothing; run only up to it (rounded up to a multiple of 8, few programs)
-        width = min(input_ids.shape[1], -(-int(mask.sum(1).max()) // 8) * 8)
+        # longest prompt's END change nothing; run only up to it (rounded up to text_bucket: few programs)
+        b = self.text_bucket
+        width = input_ids.shape[1] if b == 0 else min(input_ids.shape[1], -(-int(mask.sum(1).max()) // b) * b)
         input_ids, mask = input_ids[:, :width], mask[:, :width]
         # prefix grouping: order candidates by shared-prefix length with the reference
         if self.prefix_cache and reference is not None:

@@ -18,7 +18,8 @@ held-out images.
 
 Run directory (runs/<name>/):
 
-    run.json            settings (weights, dataset paths, method, budget, seeds, ...) and the category list
+    run.json            settings (weights, dataset paths, method, budget, seeds, adapters, ...), the category list
+                        and the images --skip-bad-images left out
     log.txt             timestamped log
     state/<slug>.json   resumable search state of a category: rewritten atomically (temp file + os.replace) at
                         most every `checkpoint_every` seconds, on Ctrl-C / SIGTERM, and at the category's end

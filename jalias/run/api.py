@@ -13,7 +13,7 @@ from .model import adapter_paths, load_model, weights_spec
 from .pipeline import KillSwitch, SimulatedKill, make_engine, score_one, search_category
 from .progress import Progress
 from .rundir import RunDir, RunSettings, slugify
-from .splits import load_split
+from .splits import check_images, load_split
 
 DEMO_CONCEPTS = ("striped_blob", "checkered_star", "dotted_ring")  # the random tiny model's (tests)
 DEMO_OOD_CONCEPTS = ("tomato", "blue_triangle", "heart")  # for a world-trained model: one of each OOD kind
@@ -27,7 +27,7 @@ def search_dataset(weights: str, annotations: str | os.PathLike, images: str | o
                    negative_weight: float = 0.5, dtype: str = "float32", options: dict | None = None,
                    checkpoint_every: float = 5.0, report: bool = True, progress: bool = True, console=None,
                    model=None, overlay_rows: int = 6, prompt_mode: str | None = None,
-                   adapters: Sequence[str] | None = None) -> dict:
+                   adapters: Sequence[str] | None = None, skip_bad_images: bool = False) -> dict:
     """Search an alias for each category of a COCO dataset; returns the all_results.json dict.
 
     weights: checkpoint path or name (see `jalias.run.model.load_model`); categories: names (None: all with
@@ -37,7 +37,9 @@ def search_dataset(weights: str, annotations: str | os.PathLike, images: str | o
     model: an already loaded model for `weights` (skips loading). prompt_mode: "meta" | "hf" | None (the model's
     default; on resume, the mode the run was started with); run.json records the mode used. adapters: adapter
     directories (or folders of them) from `jalias adapt`, applied to the model and recorded in run.json (a model
-    passed as `model` must not carry adapters of its own: name them here). Results are written to `out`.
+    passed as `model` must not carry adapters of its own: name them here). Every image is decoded before any
+    search; an unreadable one is an error, or with skip_bad_images left out and listed (run.json, all_results.json,
+    the report). Results are written to `out`.
     """
     from ..data import load_coco
 
@@ -46,7 +48,8 @@ def search_dataset(weights: str, annotations: str | os.PathLike, images: str | o
         images=str(Path(images).resolve()), categories=list(categories) if categories else None, method=method,
         budget=int(budget), length=int(length), max_images=max_images, heldout=float(heldout),
         negatives=int(negatives), seed=int(seed), init=init, negative_weight=float(negative_weight), dtype=dtype,
-        options=dict(options or {}), prompt_mode=prompt_mode, adapters=adapter_paths(adapters))
+        options=dict(options or {}), prompt_mode=prompt_mode, adapters=adapter_paths(adapters),
+        skip_bad_images=bool(skip_bad_images))
     settings.validate()
     if model is not None and getattr(model, "adapters", ()):
         raise ValueError("the model passed in carries adapters: pass the plain model and their directories as "
@@ -61,6 +64,8 @@ def search_dataset(weights: str, annotations: str | os.PathLike, images: str | o
     cats: list[dict] = []
     try:
         concepts = load_coco(settings.annotations, settings.images, settings.categories, settings.max_images, log=log)
+        concepts, bad = check_images(concepts, settings, settings.skip_bad_images, log)
+        run.set_skipped_images(bad)
         taken: set[str] = set()
         cats = [{"name": c.name, "slug": slugify(c.name, taken)} for c in concepts]
         run.set_categories(cats)

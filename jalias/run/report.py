@@ -169,6 +169,7 @@ def write_report(run_dir: str | os.PathLike) -> tuple[Path, Path]:
         "rows": rows,
         "mean": {k: mean([r[k] for r in rows if r[k] is not None]) for k in IOU_KEYS},
         "curves": "curves.png",
+        "skipped_images": run.skipped_images(),
     }
     json_path = run.path / "report.json"
     write_json_atomic(json_path, doc)
@@ -215,6 +216,9 @@ def _html(doc: dict, results: list[dict]) -> str:
            + "".join(f" + adapter <code>{e(str(a))}</code>" for a in s.get("adapters", [])) + ", "
            f"annotations <code>{e(str(s['annotations']))}</code>.</p>",
            *([RANDOM_NOTE] if is_random_tiny(str(s["weights"])) else []),
+           *([f"<p class='warn'>Left out as unreadable (--skip-bad-images): "
+              + ", ".join(f"<code>{e(k)}</code> ({e(v)})" for k, v in doc["skipped_images"].items()) + "</p>"]
+             if doc.get("skipped_images") else []),
            "<table><tr><th>concept</th><th>label</th><th>label IoU search</th><th>label IoU held-out</th>"
            "<th>alias</th><th>alias IoU search</th><th>alias IoU held-out</th><th>evals</th><th>seconds</th></tr>"]
     for r in doc["rows"]:

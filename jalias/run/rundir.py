@@ -48,6 +48,7 @@ class RunSettings:
     prompt_mode: str | None = None
     # adapter directories (`jalias adapt`) applied to the model, absolute and in order; [] for the plain model
     adapters: list[str] = field(default_factory=list)
+    skip_bad_images: bool = False  # unreadable images are left out (listed in run.json / the report), not an error
 
     def validate(self) -> None:
         from ..search import METHODS
@@ -198,6 +199,15 @@ class RunDir:
         run["categories"] = cats
         write_json_atomic(self.run_json, run)
 
+    def set_skipped_images(self, bad: dict[str, str]) -> None:
+        """Record the images a --skip-bad-images run left out ({image id: reason})."""
+        run = self.read_run()
+        run["skipped_images"] = dict(bad)
+        write_json_atomic(self.run_json, run)
+
+    def skipped_images(self) -> dict[str, str]:
+        return self.read_run().get("skipped_images") or {}
+
     def categories(self) -> list[dict]:
         return self.read_run().get("categories") or []
 
@@ -217,7 +227,7 @@ class RunDir:
         summary = {
             "format": RESULTS_FORMAT, "version": FORMAT_VERSION, "run_dir": str(self.path.resolve()),
             "settings": settings.to_dict(),
-            "finished": len(results), "total": len(self.categories()),
+            "finished": len(results), "total": len(self.categories()), "skipped_images": self.skipped_images(),
             "categories": {r["category"]: {k: r[k] for k in SUMMARY_KEYS} for r in results},
             "mean": {k: mean([r[k] for r in results if r[k] is not None]) for k in IOU_KEYS},
         }

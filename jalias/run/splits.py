@@ -53,6 +53,44 @@ def split_category(cd, settings: RunSettings):
     return search, (held if len(held.images) + len(held.negatives) else None)
 
 
+def check_images(concepts: list, settings: RunSettings, skip: bool, log) -> tuple[list, dict[str, str]]:
+    """Decode every image a run will use (each file once) before any search starts.
+
+    -> (concepts without the unreadable images, {image id: reason}). Without `skip` an unreadable image is a
+    ValueError naming it; with `skip` it is left out of every category (each a warning line) and a category left
+    without positives is dropped."""
+    seen: dict[str, str | None] = {}
+
+    def reason(key: str, read) -> str | None:
+        if key not in seen:
+            try:
+                read()
+                seen[key] = None
+            except (OSError, ValueError) as e:
+                seen[key] = " ".join(str(e).split())
+        return seen[key]
+
+    out = []
+    for cd in concepts:
+        pos = [i for i in range(len(cd.images)) if reason(cd.image_ids[i], lambda i=i: cd.image(i)) is None]
+        n_neg = min(settings.negatives, len(cd.negatives))
+        neg = [j for j in range(len(cd.negatives))
+               if j >= n_neg or reason(cd.negative_ids[j], lambda j=j: cd.negative_image(j)) is None]
+        bad = {k: v for k, v in seen.items() if v is not None}
+        if bad and not skip:
+            iid, why = next(iter(bad.items()))
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise ValueError(f"{why}{more}; checked before any search: fix the image(s) or pass --skip-bad-images")
+        if not pos:
+            log(f"warning: category {cd.name!r} has no readable positive image: skipped")
+            continue
+        out.append(cd if len(pos) == len(cd.images) and len(neg) == len(cd.negatives) else cd.subset(pos, neg))
+    bad = {k: v for k, v in seen.items() if v is not None}
+    for iid, why in bad.items():
+        log(f"warning: skipped unreadable image {iid}: {why}")
+    return out, bad
+
+
 def label_ids_of(label: str, name: str, max_length: int = 30) -> list[int]:
     """Content token ids of a category's natural label (ValueError naming the category if there are none)."""
     from ..tokenizer import encode
