@@ -245,6 +245,36 @@ def test_gt_resolutions_and_image_sizes(setup, engine):
     assert one._targets.gt.shape == (6, 128, 128) and one._jit_iou._cache_size() == 1
 
 
+def test_twenty_image_sizes_compile_at_most_three_programs(setup):
+    """20 images at 20 different sizes (and GTs at those sizes), scored in full and on a halving-style subset:
+    at most 3 compiled programs in all (counted in the jit caches), and every IoU equals the one the image gets
+    in an engine of its own (a GT shape group of one: no padding shared with the others)."""
+    rng = np.random.default_rng(7)
+    sizes = [(int(h), int(w)) for h, w in zip(rng.permutation(np.arange(40, 120, 4))[:20],
+                                              rng.permutation(np.arange(44, 124, 4))[:20])]
+    ds = make_dataset(20, 64, seed=SEED + 5)
+    name = ds.concepts[0].name
+    images, gts = [], []
+    for (h, w), smp in zip(sizes, ds.samples):
+        g = smp.masks[name]
+        if not g.any():
+            g = np.zeros_like(g)
+            g[10:30, 12:40] = True
+        ys, xs = (np.arange(h) * 64 // h), (np.arange(w) * 64 // w)  # nearest resize to (h, w)
+        images.append(smp.image[ys][:, xs])
+        gts.append(g[ys][:, xs])
+    assert len({g.shape for g in gts}) == 20
+    eng = Engine(setup.model, images, gts, chunk_size=8, prefix_cache=False, compilation_cache=False)
+    full = eng.score(setup.cand[:8])
+    sub = eng.score(setup.cand[:8], images=[3, 11, 17])
+    np.testing.assert_array_equal(sub, full[:, [3, 11, 17]])
+    compiled = eng._jit_text._cache_size() + eng._jit_iou._cache_size()
+    assert compiled <= 3, f"{compiled} compiled scoring programs for 20 image sizes"
+    for j in (0, 9):  # spot check against single-image engines
+        own = Engine(setup.model, [images[j]], [gts[j]], chunk_size=8, prefix_cache=False, compilation_cache=False)
+        np.testing.assert_array_equal(own.score(setup.cand[:8])[:, 0], full[:, j])
+
+
 # ---- invariances -----------------------------------------------------------------------------------------------
 def test_prefix_cache_off_gives_identical_scores(engine, setup, scores):
     engine.prefix_cache = False
@@ -385,6 +415,26 @@ def test_soft_loss_gradient(engine, setup):
     tg = engine.token_grad(ids)
     assert tg.shape == (LENGTH, engine.vocab_size) and tg.dtype == np.float32
     np.testing.assert_allclose(tg[:, :50], grad @ np.asarray(table[:50]).T, rtol=1e-4, atol=1e-6)
+
+
+def test_soft_loss_on_an_image_subset_and_in_image_batches(engine, disk_engine, setup):
+    """images= selects a true subset: the loss and gradient equal those of an engine built on those images alone;
+    computing the images two at a time (grad_batch=2, vmapped) changes nothing."""
+    emb = jnp.asarray(engine.embedding_table, jnp.float32)[jnp.asarray(setup.cand[3])]
+    sub_loss, sub_grad = engine.soft_loss_and_grad(emb, images=SUBSET)
+    own_loss, own_grad = disk_engine.soft_loss_and_grad(emb)
+    assert abs(sub_loss - own_loss) <= 1e-6
+    np.testing.assert_allclose(np.asarray(sub_grad), np.asarray(own_grad), rtol=1e-4, atol=1e-7)
+    all_loss, _ = engine.soft_loss_and_grad(emb)
+    assert abs(all_loss - sub_loss) > 1e-4  # the other images really are left out
+    engine.grad_batch = 2
+    try:
+        b_loss, b_grad = engine.soft_loss_and_grad(emb, images=SUBSET[:3])
+    finally:
+        engine.grad_batch = 1
+    one_loss, one_grad = engine.soft_loss_and_grad(emb, images=SUBSET[:3])
+    assert abs(b_loss - one_loss) <= 1e-6
+    np.testing.assert_allclose(np.asarray(b_grad), np.asarray(one_grad), rtol=1e-4, atol=1e-7)
 
 
 # ---- exact IoU: only the kept queries are resized ------------------------------------------------------------------

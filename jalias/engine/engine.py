@@ -35,6 +35,10 @@ from ..model.sam3 import Sam3
 from ..tokenizer import CONTEXT_LENGTH, END_ID, START_ID, round_trips, tokenize
 from . import scoring
 
+# what `detect_fast` reads of an image context (`Sam3.encode_image`): the engine holds only these
+CONTEXT_KEYS = ("enc0", "terms", "geo")
+# auto chunk size on CPU: larger chunks only add cache misses there (benchmarks/RESULTS.md, "chunk size")
+CPU_CHUNK = 128
 GRAD_COST = 3  # a value-and-grad call costs about 3 forward evaluations per image (what a search is charged)
 
 
@@ -107,16 +111,18 @@ class Engine:
         if text_bucket < 0:
             raise ValueError(f"text_bucket must be >= 0 tokens (0: the whole context), got {text_bucket}")
         self.text_bucket = int(text_bucket)
+        self._jit_encode = jax.jit(self._encode_fn)
         # the image contexts, stacked [K, ...] once and held once (exact scoring and the soft loss read the same copy)
         rep = NamedSharding(self.mesh, P())
         self._ctx = jax.device_put(jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, 0),
                                                           *self._image_contexts(images, cache_dir)), rep)
         self._targets = self._make_targets(gt_bucket, rep)
-        self._soft = self._make_soft_targets()
-        self.chunk_size = self._round_chunk(chunk_size or self._auto_chunk())
+        self._soft = self._make_soft_targets(rep)
+        self.chunk_size = self._round_chunk(chunk_size) if chunk_size else self._auto_chunk()
         self._jit_text = jax.jit(self._text_fn, static_argnames=("prefix",))
         self._jit_iou = jax.jit(self._iou_fn, static_argnames=("batch",))
-        self._jit_soft = jax.jit(jax.value_and_grad(self._soft_loss_fn))
+        self._jit_soft = jax.jit(jax.value_and_grad(self._soft_loss_fn), static_argnames=("grad_batch",))
+        self.grad_batch = 1  # images per step of the soft loss's image loop (see _soft_loss_fn)
 
     # ------------------------------------------------------------------------------------------------------------
     # setup
@@ -130,9 +136,12 @@ class Engine:
         return m
 
     def _image_contexts(self, images, cache_dir) -> list[dict]:
-        """Backbone + neck + first encoder self-attention, once per image (memory / on-disk cache)."""
+        """Per image, what the prompt-dependent path (`detect_fast`) reads: the first encoder self-attention block,
+        the pixel decoder's skip terms (and Meta's CLS token), in the model's dtype; computed once (the FPN maps
+        themselves are dropped) or read from the on-disk cache, keyed by the image's pixels, the prompt mode and a
+        hash of every weight (a fine-tuned or adapted checkpoint never reuses another's features)."""
         size = self.config.image_size
-        fingerprint = _fingerprint(self.model) + self.prompt_mode if cache_dir else None
+        key_of = (model_hash(self.model) + self.prompt_mode).encode() if cache_dir else b""
         out = []
         for i, im in enumerate(images):
             arr = load_image(im) if isinstance(im, (str, os.PathLike)) else np.asarray(im)
@@ -140,19 +149,20 @@ class Engine:
             ctx = None
             path = None
             if cache_dir:
-                key = hashlib.sha256(px.tobytes() + fingerprint.encode()).hexdigest()[:32]
-                path = Path(cache_dir) / f"{key}.npz"
+                path = Path(cache_dir) / f"{hashlib.sha256(px.tobytes() + key_of).hexdigest()[:32]}.npz"
                 if path.exists():
-                    ctx = _load_ctx(path, self._ctx_structure(px))
+                    ctx = _load_ctx(path, jax.eval_shape(self._jit_encode, self.model.params, px))
             if ctx is None:
-                ctx = self.model.encode_image(px)
+                ctx = self._jit_encode(self.model.params, jnp.asarray(px))
                 if path is not None:
                     _save_ctx(path, ctx)
             out.append(ctx)
         return out
 
-    def _ctx_structure(self, px) -> dict:
-        return jax.eval_shape(lambda p, x: self.model.apply("encode_image", x, params=p), self.model.params, px)
+    def _encode_fn(self, params, px) -> dict:
+        ctx = self.model.apply("encode_image", px, params=params)
+        return {k: jax.tree_util.tree_map(lambda a: a.astype(self.model.dtype), v)
+                for k, v in ctx.items() if k in CONTEXT_KEYS}
 
     @property
     def contexts(self) -> list[dict]:
@@ -173,13 +183,15 @@ class Engine:
             cols[i, :w] = scoring.bilinear_matrix(w, m)
         return _Targets(*(jax.device_put(x, rep) for x in (gt, rows, cols)))
 
-    def _make_soft_targets(self) -> dict:
+    def _make_soft_targets(self, rep) -> dict:
+        """The soft surrogate's per-image targets (the contexts are not copied: the loss reads `self._ctx`)."""
         m = 4 * self.config.vision.backbone.grid
         gt = np.stack([scoring.area_resize(g, m) for g in self.gts])
-        return {"ctx": self._ctx, "gt": jnp.asarray(gt), "neg": jnp.asarray(self.is_negative)}
+        return {"gt": jax.device_put(gt, rep), "neg": jax.device_put(self.is_negative, rep)}
 
     def _auto_chunk(self) -> int:
-        """Candidates per step from free device memory and a per-candidate activation estimate."""
+        """Candidates per step from free device memory and a per-candidate activation estimate, rounded down
+        (OOM halving in the run pipeline stays the safety net), at most CPU_CHUNK on a CPU."""
         free = _free_memory(self.devices[0])
         c = self.config
         g2 = c.vision.backbone.grid ** 2
@@ -192,8 +204,11 @@ class Engine:
                + 12 * g2 * max(c.encoder.intermediate_size, d) * item  # encoder/decoder activations
                + 6 * m2 * d * item + 2 * q * m2 * 4)  # pixel decoder + mask logits
         per *= 2  # headroom for fusion temporaries
-        n = int(free * 0.5 // max(per, 1))
-        return max(1, min(n, 1024))
+        cap = CPU_CHUNK if self.devices[0].platform == "cpu" else 1024
+        n = max(len(self.devices), min(int(free * 0.5 // max(per, 1)), cap))
+        # the largest power of two (times the device count) within the estimate: never more than it allows
+        k = len(self.devices)
+        return k * (1 << ((n // k).bit_length() - 1))
 
     def _round_chunk(self, n: int) -> int:
         k = len(self.devices)
@@ -228,11 +243,14 @@ class Engine:
 
         return jax.lax.map(one, (ctx, gt, rows, cols)).T
 
-    def _soft_loss_fn(self, embeds, params, weights, negative_weight, soft):
-        """embeds [L, Ct] continuous content-token embeddings -> 1 - soft objective (scalar).
+    def _soft_loss_fn(self, embeds, params, idx, weights, negative_weight, ctx, soft, grad_batch: int = 1):
+        """embeds [L, Ct] continuous content-token embeddings -> 1 - soft objective (scalar) on the images `idx`
+        int [k] (a true subset: no other image is computed), each weighted by `weights` [k] (0 for padding).
 
-        soft: {"ctx": stacked image contexts [K, ...], "gt": [K, m, m] area-resized GT, "neg": bool [K]} — passed
-        as an argument (not closed over) so images are not baked into the compiled program.
+        ctx: the stacked image contexts [K, ...]; soft: {"gt": [K, m, m] area-resized GT, "neg": bool [K]} — passed
+        as arguments (not closed over) so images are not baked into the compiled program. Each image's detect pass
+        is rematerialised in the backward pass (`jax.checkpoint`): `grad_batch` images' activations are live at a
+        time (vmapped together: faster on a GPU; out-of-memory on the gradient path halves it).
         """
         length = embeds.shape[0]
         ids, mask = scoring.layout_prompts(np.zeros((1, length), np.int32))
@@ -241,15 +259,16 @@ class Engine:
         tok = tok.at[1:1 + length].set(embeds)[None]
         prompt, _ = self.model.apply("encode_text", tok.astype(self.model.dtype), jnp.asarray(mask), params=params)
 
+        @jax.checkpoint
         def one(args):
-            c, g, neg = args
-            c = jax.tree_util.tree_map(lambda x: x[None], c)
+            i, = args
+            c = jax.tree_util.tree_map(lambda x: x[i][None], ctx)
             # exact derivatives: SAM3's training-time stop-gradient at the box refinement would bias the search
             out = self.model.apply("detect_fast", c, prompt, jnp.asarray(mask), params=params, detach_boxes=False)
-            return scoring.soft_scores(out, g, neg)[0]
+            return scoring.soft_scores(out, soft["gt"][i], soft["neg"][i])[0]
 
-        s = jax.lax.map(one, (soft["ctx"], soft["gt"], soft["neg"]))  # [K]
-        neg = soft["neg"]
+        s = jax.lax.map(one, (idx,), batch_size=grad_batch if grad_batch > 1 else None)  # [k]
+        neg = soft["neg"][idx]
         wpos = weights * (~neg)
         wneg = weights * neg
         pos_term = jnp.sum(s * wpos) / jnp.maximum(jnp.sum(wpos), 1e-9)
@@ -307,10 +326,16 @@ class Engine:
             shared = np.zeros(n, int)
             order = np.arange(n)
             ref_feats = ref_kv = None
+        # pipelined: chunk i+1 is dispatched (jax runs it asynchronously) before chunk i's IoUs are read back
+        pending = None
         for start in range(0, n, self.chunk_size):
             idx = order[start:start + self.chunk_size]
             prefix = _bucket_prefix(int(shared[idx].min())) if ref_kv is not None else 0
-            result[idx] = self._score_chunk(input_ids[idx], mask[idx], sel, ref_feats, ref_kv, prefix)
+            nxt = (idx, self._score_chunk(input_ids[idx], mask[idx], sel, ref_feats, ref_kv, prefix))
+            if pending is not None:
+                result[pending[0]] = _fetch(pending[1])[:len(pending[0])]
+            pending = nxt
+        result[pending[0]] = _fetch(pending[1])[:len(pending[0])]
         self.evals += n * len(sel)
         return result
 
@@ -319,7 +344,8 @@ class Engine:
             self._jit_ref = jax.jit(self._ref_fn)
         return self._jit_ref(self.model.params, jnp.asarray(ids), jnp.asarray(mask))
 
-    def _score_chunk(self, ids, mask, sel, ref_feats, ref_kv, prefix) -> np.ndarray:
+    def _score_chunk(self, ids, mask, sel, ref_feats, ref_kv, prefix) -> jax.Array:
+        """Dispatch one chunk -> its IoUs [bucket, k] on device (padding rows included; not yet read back)."""
         n = len(ids)
         bucket = _bucket(n, self.chunk_size, len(self.devices))
         ids = np.concatenate([ids, np.repeat(ids[-1:], bucket - n, 0)])
@@ -336,26 +362,31 @@ class Engine:
             ctx = jax.tree_util.tree_map(lambda x: x[sel], self._ctx)
             gt, rows, cols = t.gt[sel], t.rows[sel], t.cols[sel]
         batch = max(1, min(bucket, int(2e8 // (self.config.decoder.num_queries * gt.shape[-1] * gt.shape[-2] * 4))))
-        iou = _fetch(self._jit_iou(self.model.params, prompt, detect_mask, ctx, gt, rows, cols, batch=batch))
-        return np.asarray(iou[:n], np.float32)
+        return self._jit_iou(self.model.params, prompt, detect_mask, ctx, gt, rows, cols, batch=batch)  # on device
 
     # soft / gradient interface ------------------------------------------------------------------------------------
-    def _weights(self, images) -> jax.Array:
-        w = np.zeros(self.n_images, np.float32)
-        w[np.arange(self.n_images) if images is None else np.asarray(images, int)] = 1.0
-        return jnp.asarray(w)
+    def _subset(self, images) -> tuple[jax.Array, jax.Array, int]:
+        """Selected images -> (indices int32 [kb], weights float32 [kb], k): kb is k rounded up to a power of two
+        (few compiled programs under successive halving); the padding repeats an image at weight 0."""
+        sel = np.arange(self.n_images) if images is None else np.asarray(images, int)
+        k = len(sel)
+        kb = 1 << max(0, (k - 1).bit_length())
+        idx = np.concatenate([sel, np.repeat(sel[:1], kb - k)]).astype(np.int32)
+        w = np.concatenate([np.ones(k, np.float32), np.zeros(kb - k, np.float32)])
+        return jnp.asarray(idx), jnp.asarray(w), k
 
     def soft_loss(self, embeds, images=None, negative_weight: float | None = None) -> jax.Array:
         """Differentiable loss (1 - soft objective) of continuous content embeddings [L, Ct]."""
         nw = self.negative_weight if negative_weight is None else negative_weight
-        return self._soft_loss_fn(embeds, self.model.params, self._weights(images), nw, self._soft)
+        idx, w, _ = self._subset(images)
+        return self._soft_loss_fn(embeds, self.model.params, idx, w, nw, self._ctx, self._soft)
 
     def soft_loss_and_grad(self, embeds, images=None, negative_weight: float | None = None):
-        """-> (loss float, grad [L, Ct]) via one jitted value_and_grad call."""
+        """-> (loss float, grad [L, Ct]) via one jitted value_and_grad call over the selected images only."""
         nw = self.negative_weight if negative_weight is None else negative_weight
-        loss, grad = self._jit_soft(jnp.asarray(embeds, jnp.float32), self.model.params, self._weights(images), nw,
-                                    self._soft)
-        k = self.n_images if images is None else len(images)
+        idx, w, k = self._subset(images)
+        loss, grad = self._jit_soft(jnp.asarray(embeds, jnp.float32), self.model.params, idx, w, nw, self._ctx,
+                                    self._soft, grad_batch=min(self.grad_batch, len(idx)))
         self.evals += self.grad_cost * k
         return float(loss), grad
 
@@ -411,31 +442,45 @@ def _free_memory(device) -> int:
         return 4 << 30
 
 
-def _fingerprint(model: Sam3) -> str:
-    h = hashlib.sha256(model.dtype.name.encode())
-    for path, leaf in jax.tree_util.tree_flatten_with_path(model.params)[0]:
-        a = np.asarray(leaf).ravel()
-        h.update(jax.tree_util.keystr(path).encode())
-        h.update(np.asarray(a[:: max(1, a.size // 4096)], np.float32).tobytes())
-    return h.hexdigest()
+def model_hash(model: Sam3) -> str:
+    """sha256 of every weight (`jalias.weights.orbax_io.fingerprint`, ~1 s per GB) and the compute dtype: the disk
+    cache's key, so fine-tuned or adapted weights never read another model's features. Computed once per params
+    object."""
+    from ..weights.orbax_io import fingerprint
+
+    cached = getattr(model, "_content_hash", None)
+    if cached is None or cached[0] is not model.params:
+        cached = (model.params, fingerprint(model.params) + model.dtype.name)
+        model._content_hash = cached
+    return cached[1]
 
 
 def _save_ctx(path: Path, ctx: dict) -> None:
+    """Write a context's leaves in their own dtype (bf16 stored as its 16-bit pattern), atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.npz")
-    leaves, _ = jax.tree_util.tree_flatten(ctx)
-    np.savez(tmp, *[np.asarray(x, np.float32) for x in leaves])
+    leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(ctx)]
+    arrays = {f"arr_{i}": (x.view(np.uint16) if x.dtype == jnp.bfloat16 else x) for i, x in enumerate(leaves)}
+    np.savez(tmp, dtypes=np.asarray([x.dtype.name for x in leaves]), **arrays)
     os.replace(tmp, path)
 
 
 def _load_ctx(path: Path, like: dict) -> dict | None:
-    """Read a cached context with the tree structure of `like`; None if absent, stale or corrupt."""
+    """Read a cached context with the tree structure, shapes and dtypes of `like` (a `jax.eval_shape` result);
+    None if absent, stale or corrupt (then it is recomputed, never fatal)."""
     try:
-        treedef = jax.tree_util.tree_structure(like)
+        want, treedef = jax.tree_util.tree_flatten(like)
         with np.load(path) as z:
-            leaves = [jnp.asarray(z[f"arr_{i}"]) for i in range(len(z.files))]
-        if len(leaves) != treedef.num_leaves:
+            dtypes = [str(d) for d in z["dtypes"]]
+            leaves = [z[f"arr_{i}"] for i in range(len(dtypes))]
+        if len(leaves) != len(want):
             return None
-        return jax.tree_util.tree_unflatten(treedef, leaves)
-    except Exception:  # a corrupt cache entry is recomputed, never fatal
+        out = []
+        for x, d, w in zip(leaves, dtypes, want):
+            x = x.view(jnp.bfloat16) if d == "bfloat16" else x
+            if x.shape != w.shape or x.dtype != w.dtype:
+                return None
+            out.append(jnp.asarray(x))
+        return jax.tree_util.tree_unflatten(treedef, out)
+    except Exception:
         return None

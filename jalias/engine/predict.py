@@ -35,8 +35,8 @@ def predict(model, image: np.ndarray, prompts: Sequence[Sequence[int]], threshol
             context: dict | None = None, mask_shape: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
     """SAM3 outputs of N prompts on one image.
 
-    image: uint8[H, W, 3]; prompts: N sequences of content token ids; context: the image's cached context
-    (e.g. `engine.contexts[i]`) to skip the image encoder; mask_shape: (H', W') of the predicted masks
+    image: uint8[H, W, 3]; prompts: N sequences of content token ids; context: the image's `encode_image`
+    context, to skip the image encoder (not an `Engine`'s: it holds no FPN maps, which the full mask head reads); mask_shape: (H', W') of the predicted masks
     (default the image's). Returns numpy arrays: masks bool[N, H', W'], pred_masks float32[N, Q, m, m],
     pred_logits [N, Q], presence_logits [N, 1], scores [N, Q], keep bool[N, Q], pred_boxes [N, Q, 4],
     semantic_logits [N, m, m], union_logits [N, m, m].
@@ -45,6 +45,8 @@ def predict(model, image: np.ndarray, prompts: Sequence[Sequence[int]], threshol
     input_ids, mask = layout(prompts, cfg.context_length)
     if context is None:
         context = model.encode_image(preprocess(image, cfg.image_size))
+    elif "fpn" not in context:
+        raise ValueError("predict needs a full encode_image context (an Engine's cached context has no FPN maps)")
     prompt = model.encode_text(input_ids, mask)
     out = model.detect(context, prompt, model.prompt_mask(input_ids, mask))  # "meta": id 0 masked
     scores = _scores(out["pred_logits"], out["presence_logits"])
