@@ -1,4 +1,5 @@
 """Search methods against the toy engine: improvement, exact budgets, determinism, resumption, vocab filters."""
+import dataclasses
 import json
 
 import numpy as np
@@ -384,6 +385,26 @@ class EvenOnlyEngine(ToyEngine):
         return (np.asarray(ids) % 2 == 0).all(axis=-1)
 
 
+def test_round_trips_is_a_declared_protocol_member():
+    """round_trips is part of ScoringEngine like special_ids / grad_cost: the real engine and the toy declare it,
+    the toy's (no tokenizer) accepts every row, and an engine without it is not a ScoringEngine."""
+    from jalias.engine import Engine
+
+    assert "round_trips" in ScoringEngine.__dict__ and callable(Engine.round_trips)
+    e = engine()
+    np.testing.assert_array_equal(e.round_trips(np.zeros((3, 4), np.int32)), np.ones(3, bool))
+
+    class NoRoundTrips:
+        def __init__(self, inner):
+            self.__dict__.update({k: getattr(inner, k) for k in (
+                "n_images", "is_negative", "vocab_size", "max_length", "embedding_table", "special_ids",
+                "grad_cost")})
+            self.score, self.token_grad, self.soft_loss_and_grad = inner.score, inner.token_grad, \
+                inner.soft_loss_and_grad
+
+    assert not isinstance(NoRoundTrips(e), ScoringEngine)
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_retokenize_scores_and_reports_only_round_tripping_candidates(method):
     e = EvenOnlyEngine(vocab_size=500, seed=0, record=True)
@@ -398,3 +419,94 @@ def test_retokenize_scores_and_reports_only_round_tripping_candidates(method):
     assert (np.concatenate(off.seen_ids) % 2 == 1).any()  # without the filter odd ids are proposed and scored
     # refused proposals are not a reason to stop: the search spends its budget as it does without the filter
     assert r.evals_used >= 0.9 * r_off.evals_used, (r.evals_used, r_off.evals_used, r.stop_reason)
+
+
+# --- search memory ----------------------------------------------------------------------------------------------
+
+class PairEngine(ToyEngine):
+    """A toy engine that records every (sequence, image) pair it scores."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.pairs = []
+
+    def score(self, ids, images=None):
+        self.pairs += [(tuple(r), int(j)) for r in np.asarray(ids).tolist() for j in self._images(images)]
+        return super().score(ids, images)
+
+
+def test_memory_pays_once_per_sequence_and_image():
+    e = PairEngine(vocab_size=500, seed=0, n_positive=6)
+    b = Budget(e, budget=10**6, negative_weight=0.5, halving=HalvingConfig(mode="off"), seed=0, cache_size=5)
+    ids = np.random.default_rng(0).choice(498, size=(8, 4), replace=False).astype(np.int32)
+    first = b.score(ids[:3], images=np.array([4, 1]))
+    assert e.evals == 6 and b.used == 6 and b.saved == 0
+    full = b.score(ids[:3])  # image 1 and 4 come from memory, whichever subset asked for them
+    assert e.evals == b.used == 6 + 3 * 4 and b.saved == 6
+    fresh = PairEngine(vocab_size=500, seed=0, n_positive=6)  # the same engine, nothing remembered
+    np.testing.assert_array_equal(full, fresh.score(ids[:3]))  # remembered scores are the fresh scores
+    np.testing.assert_array_equal(full[:, [4, 1]], first)
+    again = b.score(np.concatenate([ids[:2], ids[:2]]))  # all known: nothing charged, nothing scored
+    np.testing.assert_array_equal(again, np.concatenate([full[:2], full[:2]]))
+    assert b.used == 18 and e.evals == 18 and b.saved == 6 + 24
+    twice = b.score(np.stack([ids[3], ids[3]]), images=np.array([0]))  # a row repeated within one call
+    assert b.used == 19 and b.saved == 31 and twice[0] == twice[1]
+    b.score(ids[3:8])  # 5 new sequences fill the memory (capacity 5): the 3 first ones are forgotten
+    assert len(b.memo) == 5 and tuple(ids[0]) not in b.memo and tuple(ids[7]) in b.memo
+    assert b.used == 19 + 5 + 4 * 6 and b.saved == 31 + 1
+    b.score(ids[:1])
+    assert b.used == 48 + 6 and len(b.memo) == 5  # forgotten: paid again; the bound holds
+    assert len(e.pairs) == b.used  # the engine scored exactly the pairs that were paid for
+
+
+def test_memory_prefix_when_the_budget_runs_out():
+    e = engine(n_positive=4)
+    b = Budget(e, budget=14, negative_weight=0.5, halving=HalvingConfig(mode="off"), seed=0, cache_size=100)
+    ids = np.random.default_rng(1).choice(498, size=(4, 3), replace=False).astype(np.int32)
+    b.score(ids[1:2])
+    assert b.used == 4
+    # rows 0 (new, 4), 1 (known, free), 2 (new, 4) fit in the 10 left; row 3 would need 4 more than the 2 left
+    got = b.score(ids)
+    assert got.shape == (3, 4) and b.used == 12 == e.evals and b.saved == 4
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_memory_never_pays_twice_and_changes_nothing_else(method):
+    """With memory a search is charged only for new (sequence, image) pairs; up to the point where the run
+    without memory runs out, both take the same steps (the remembered scores are the exact ones) and the
+    difference in evaluations used is exactly evals_saved."""
+    halving = HalvingConfig(mode="on", min_images=2, eta=2.0)
+    kw = dict(vocab_size=500, seed=0, n_positive=6, n_negative=2)
+    cfg = config_for(method, budget=3000, halving=halving)
+    runs = {}
+    for size in (0, 20_000):
+        e, states = PairEngine(**kw), []
+        r = run_search(method, e, dataclasses.replace(cfg, cache_size=size),
+                       on_checkpoint=lambda s: states.append(json.loads(json.dumps(s))))
+        runs[size] = (e, r, states)
+    e, r, states = runs[20_000]
+    assert len(e.pairs) == len(set(e.pairs))  # no (sequence, image) pair was ever scored twice
+    grads = e.evals - len(e.pairs)
+    assert r.evals_used == e.evals and r.evals_saved == states[-1]["budget"]["saved"]
+    e0, r0, states0 = runs[0]
+    assert r0.evals_saved == 0 and len(e0.pairs) + grads >= r.evals_used  # same or more work without memory
+    assert len(states0) >= 3
+    for plain, memo in zip(states0[:-1], states):
+        assert plain["method_state"] == memo["method_state"] and plain["budget"]["top"] == memo["budget"]["top"]
+        assert plain["budget"]["used"] - memo["budget"]["used"] == memo["budget"]["saved"]
+    if method in ("gcg", "evolution"):  # these re-propose sequences
+        assert r.evals_saved > 0
+
+
+def test_memory_is_bounded_and_resumes_exactly():
+    cfg = config_for("gcg", budget=3000, seed=1, patience=2, search_width=16, topk=4, cache_size=30)
+    states = []
+    full = run_search("gcg", engine(), cfg, on_checkpoint=lambda s: states.append(json.loads(json.dumps(s))))
+    assert full.evals_saved > 0 and max(s["budget"]["memo"]["n"] for s in states) == 30
+    middle = states[len(states) // 2]  # the memory is full by then: resuming needs its order of last use too
+    e = engine()
+    resumed = run_search("gcg", e, cfg, resume_state=middle)
+    assert comparable(resumed) == comparable(full)
+    assert e.evals == full.evals_used - middle["budget"]["used"]
+    with pytest.raises(ValueError, match="cache_size"):
+        run_search("gcg", engine(), config_for("gcg", cache_size=-1))

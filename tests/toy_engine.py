@@ -182,6 +182,10 @@ class ToyEngine:
             raise ValueError(f"image index out of range [0, {self.n_images}): {images.tolist()}")
         return images
 
+    def round_trips(self, ids) -> np.ndarray:
+        """bool[N]: the toy has no tokenizer, so every candidate int32[N, L] 'round-trips' (no filtering)."""
+        return np.ones(np.asarray(ids).shape[0], bool)
+
     def score(self, ids, images=None) -> np.ndarray:
         """float32[N, k] exact IoU of candidates int32[N, L] on the selected images (default all)."""
         ids = np.asarray(ids, dtype=np.int32)

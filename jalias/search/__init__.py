@@ -43,16 +43,20 @@ METHODS: dict[str, Method] = {
 
 def run_search(method: str, engine: ScoringEngine, config: Any = None, *,
                on_checkpoint: Optional[Callable[[dict], None]] = None,
-               resume_state: Optional[dict] = None) -> SearchResult:
+               resume_state: Optional[dict] = None,
+               on_progress: Optional[Callable[[int], None]] = None) -> SearchResult:
     """Run one search method by name.
 
     config: None (defaults), a dict of fields, the method's own config, or a plain SearchConfig (its common
     fields; the method's own fields keep their defaults). on_checkpoint(state) gets a JSON-serialisable dict
     after every iteration; pass such a dict back as resume_state to continue exactly where it was taken.
+    on_progress(used) gets the evaluations used so far each time some are charged (every scored batch and
+    gradient), e.g. to advance a progress bar between checkpoints.
     """
     if method not in METHODS:
         raise ValueError(f"unknown search method {method!r}; choose from {', '.join(METHODS)}")
-    return METHODS[method].run(engine, config, on_checkpoint=on_checkpoint, resume_state=resume_state)
+    return METHODS[method].run(engine, config, on_checkpoint=on_checkpoint, resume_state=resume_state,
+                               on_progress=on_progress)
 
 
 __all__ = [

@@ -1,10 +1,10 @@
 """What every alias search method shares: the engine protocol, the objective, configs and results.
 
 A method file (evolution.py, local.py, gcg.py, soft.py) defines `XConfig(SearchConfig)` and
-`run(engine, config, *, on_checkpoint=None, resume_state=None) -> SearchResult`, and its `run` reads as the
-algorithm. Around it: `budget.py` (the evaluation budget and successive halving), `vocab.py` (which tokens may
-be proposed, and drawing them) and `searchrun.py` (`SearchRun`: budget, rng and vocabulary of one run,
-checkpoints and resumption).
+`run(engine, config, *, on_checkpoint=None, resume_state=None, on_progress=None) -> SearchResult`, and its
+`run` reads as the algorithm. Around it: `budget.py` (the evaluation budget and successive halving), `memo.py`
+(the search memory of exact scores), `vocab.py` (which tokens may be proposed, and drawing them) and
+`searchrun.py` (`SearchRun`: budget, rng and vocabulary of one run, checkpoints and resumption).
 """
 from __future__ import annotations
 
@@ -51,9 +51,11 @@ class ScoringEngine(Protocol):
         """(soft loss, lower is better; its gradient float32[L, D]) of continuous embeddings float32[L, D]."""
         ...
 
-    # Optional: engines that know the model's tokenizer also provide
-    #     round_trips(ids int32[N, L]) -> bool[N]: whether each candidate's text tokenizes back to the same ids
-    # which `SearchConfig.retokenize` uses (an engine without it, like the tests' toy engine, is not filtered).
+    def round_trips(self, ids: np.ndarray) -> np.ndarray:
+        """bool[N]: whether each candidate int32[N, L]'s text tokenizes back to the same ids (what
+        `SearchConfig.retokenize` filters on; an engine without a tokenizer, like the tests' toy engine, says
+        True for every row)."""
+        ...
 
 
 # --- objective --------------------------------------------------------------------------------------------------
@@ -117,8 +119,11 @@ class SearchConfig:
     halving: HalvingConfig = field(default_factory=HalvingConfig)
     keep_top: int = 10  # distinct best candidates kept in the result
     # only candidates whose text tokenizes back to the same ids are scored and reported, so an alias works as a
-    # plain prompt (jalias eval --prompt, Meta's or HF's processor); needs engine.round_trips (see the protocol)
+    # plain prompt (jalias eval --prompt, Meta's or HF's processor); filters on engine.round_trips
     retokenize: bool = True
+    # search memory: the exact per-image IoUs of up to this many distinct sequences are remembered, so a sequence
+    # scored once is never paid for (nor scored) again on the same image; 0 turns it off (search/memo.py)
+    cache_size: int = 20_000
 
     def __post_init__(self):
         # Plain JSON types, so that the config can go into checkpoints and results as it is.
@@ -151,6 +156,8 @@ class SearchConfig:
             raise ValueError(f"negative_weight must be >= 0, got {self.negative_weight}")
         if self.keep_top < 1:
             raise ValueError(f"keep_top must be >= 1, got {self.keep_top}")
+        if self.cache_size < 0:
+            raise ValueError(f"cache_size must be >= 0 sequences (0: no search memory), got {self.cache_size}")
         h = self.halving
         if h.mode not in ("auto", "on", "off"):
             raise ValueError(f"halving.mode must be 'auto', 'on' or 'off', got {h.mode!r}")
@@ -237,6 +244,7 @@ class SearchResult:
     stop_reason: str = ""
     iterations: int = 0
     rejected: int = 0  # proposals never scored because their text does not tokenize back (config.retokenize)
+    evals_saved: int = 0  # candidate-image evaluations answered from the search memory, not paid (cache_size)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -12,6 +12,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from jalias.search.base import HalvingConfig, ScoringEngine, objective, train_iou
+from jalias.search.memo import ScoreMemo
 
 @dataclass
 class Scored:
@@ -53,11 +54,19 @@ class Budget:
     first floor(remaining / k) rows and returns those. grad / charge_grad charge engine.grad_cost*k or refuse.
     `top` holds up to keep_top distinct (ids, objective, train_iou), best first; `history` gets
     (used, best_objective, best_train_iou) whenever exact scores on all images arrive.
+
+    With cache_size > 0 a `ScoreMemo` of that many sequences remembers every exact per-image IoU: score() then
+    charges (and asks the engine for) only the (sequence, image) pairs it has not seen, a row repeated within
+    one call included, and `saved` counts the pairs answered from memory. on_charge(used) is called after every
+    charge (each scored batch, each gradient), e.g. to advance a progress bar.
     """
 
     def __init__(self, engine: ScoringEngine, budget: int, negative_weight: float,
-                 halving: HalvingConfig, seed: int, keep_top: int = 10, keep: Optional[Callable] = None):
+                 halving: HalvingConfig, seed: int, keep_top: int = 10, keep: Optional[Callable] = None,
+                 cache_size: int = 0, on_charge: Optional[Callable[[int], None]] = None):
         self.engine = engine
+        self.on_charge = on_charge
+        self.saved = 0  # candidate-image evaluations answered by the memo instead of the engine
         # keep(ids int32[N, L]) -> bool[N]: candidates worth scoring (e.g. engine.round_trips); others are never
         # charged, never scored by `evaluate`, and never enter `top`
         self.keep = keep
@@ -77,6 +86,7 @@ class Budget:
         self.history: list[tuple[int, float, float]] = []
         self.image_order, self.rungs = halving_plan(self.is_negative, halving, seed)
         self.halving_eta = float(halving.eta)
+        self.memo = ScoreMemo(cache_size, self.n_images) if cache_size > 0 else None
 
     @property
     def remaining(self) -> int:
@@ -95,13 +105,17 @@ class Budget:
         k = self.n_images if images is None else int(np.asarray(images).size)
         if k == 0:
             return np.zeros((ids.shape[0], 0), np.float32)
-        n = min(ids.shape[0], max(self.remaining, 0) // k)
+        if self.memo is not None:
+            iou = self._score_remembered(ids, images)
+            n = iou.shape[0]
+        else:
+            n = min(ids.shape[0], max(self.remaining, 0) // k)
+            if n == 0:
+                return np.zeros((0, k), np.float32)
+            iou = self._engine_score(ids[:n], images)
+            self._charge(n * k)
         if n == 0:
-            return np.zeros((0, k), np.float32)
-        iou = np.asarray(self.engine.score(ids[:n], images), dtype=np.float32)
-        self.used += n * k
-        if iou.shape != (n, k):
-            raise ValueError(f"engine.score returned shape {iou.shape}, expected {(n, k)}")
+            return iou
         if images is None or np.unique(np.asarray(images)).size == self.n_images:
             if images is not None:  # put columns in engine image order before computing the objective
                 full = np.empty_like(iou)
@@ -109,6 +123,46 @@ class Budget:
                 iou = full
             self._observe(ids[:n], objective(iou, self.is_negative, self.negative_weight),
                           train_iou(iou, self.is_negative))
+        return iou
+
+    def _engine_score(self, ids: np.ndarray, images: Optional[np.ndarray]) -> np.ndarray:
+        iou = np.asarray(self.engine.score(ids, images), dtype=np.float32)
+        k = self.n_images if images is None else int(np.asarray(images).size)
+        if iou.shape != (ids.shape[0], k):
+            raise ValueError(f"engine.score returned shape {iou.shape}, expected {(ids.shape[0], k)}")
+        return iou
+
+    def _charge(self, evals: int, notify: bool = False) -> None:
+        self.used += int(evals)
+        if self.on_charge is not None and (evals > 0 or notify):
+            self.on_charge(self.used)
+
+    def _score_remembered(self, ids: np.ndarray, images: Optional[np.ndarray]) -> np.ndarray:
+        """float32[n, k] of the longest prefix of rows whose unremembered (sequence, image) pairs the budget can pay
+        for; the engine scores only those pairs (one call per distinct pattern of missing images)."""
+        cols = np.arange(self.n_images) if images is None else np.asarray(images, dtype=np.int64).reshape(-1)
+        keys = [tuple(r) for r in ids.tolist()]
+        iou = self.memo.lookup(keys, cols)
+        first: dict[tuple[int, ...], int] = {}
+        owner = np.array([first.setdefault(key, i) for i, key in enumerate(keys)], np.int64).reshape(-1)
+        missing = np.isnan(iou) & (owner == np.arange(len(keys)))[:, None]  # repeated rows ride on the first
+        cost = np.cumsum(missing.sum(axis=1))
+        n = int(np.searchsorted(cost, max(self.remaining, 0), side="right"))
+        if n == 0:
+            return iou[:0]
+        iou, missing, owner = iou[:n], missing[:n], owner[:n]
+        todo = np.flatnonzero(missing.any(axis=1))
+        if todo.size:
+            patterns, group = np.unique(missing[todo], axis=0, return_inverse=True)
+            for g, pattern in enumerate(patterns):  # usually one: every image, or a halving rung's new ones
+                rows = todo[group.reshape(-1) == g]
+                asked = None if images is None and pattern.all() else cols[pattern]
+                iou[np.ix_(rows, np.flatnonzero(pattern))] = self._engine_score(ids[rows], asked)
+        iou = iou[owner]  # repeated rows take their first occurrence's scores
+        paid = int(cost[n - 1])
+        self.saved += n * cols.size - paid
+        self.memo.store(keys[:n], iou, cols)
+        self._charge(paid)
         return iou
 
     def can_grad(self, images: Optional[np.ndarray] = None) -> bool:
@@ -119,14 +173,17 @@ class Budget:
         price = self._grad_price(images)
         if self.remaining < price:
             return False
-        self.used += price
+        self._charge(price)
         return True
 
     def grad(self, ids: np.ndarray, images: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
         """float32[L, V] engine.token_grad of ids int32[L], or None (nothing charged) if unaffordable."""
-        if not self.charge_grad(images):
+        price = self._grad_price(images)
+        if self.remaining < price:
             return None
+        self.used += price  # charged first; on_charge hears of it once the gradient is computed (its time)
         g = self.engine.token_grad(np.asarray(ids, dtype=np.int32), images, negative_weight=self.negative_weight)
+        self._charge(0, notify=True)
         return np.asarray(g, dtype=np.float32)
 
     def _grad_price(self, images) -> int:
@@ -225,6 +282,8 @@ class Budget:
             "rejected": self.rejected,
             "top": [[list(t[0]), t[1], t[2]] for t in self.top],
             "history": [list(h) for h in self.history],
+            "saved": self.saved,
+            "memo": self.memo.state_dict() if self.memo is not None else None,
         }
 
     def load_state_dict(self, d: dict) -> None:
@@ -232,6 +291,9 @@ class Budget:
         self.rejected = int(d.get("rejected", 0))
         self.top = [(tuple(int(i) for i in t[0]), float(t[1]), float(t[2])) for t in d["top"]]
         self.history = [(int(h[0]), float(h[1]), float(h[2])) for h in d["history"]]
+        self.saved = int(d.get("saved", 0))
+        if self.memo is not None and d.get("memo"):  # a state saved without memory resumes with an empty one
+            self.memo.load_state_dict(d["memo"])
 
 
 def halving_plan(is_negative: np.ndarray, h: HalvingConfig, seed: int) -> tuple[np.ndarray, list[int]]:

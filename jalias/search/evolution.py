@@ -7,7 +7,7 @@ parents chosen by tournament or truncation selection, made by uniform crossover 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -97,10 +97,11 @@ def initial_population(config: EvolutionConfig, allowed: np.ndarray, mutation_ra
 
 
 def run(engine: ScoringEngine, config: Optional[EvolutionConfig] = None, *,
-        on_checkpoint: Optional[Checkpoint] = None, resume_state: Optional[dict] = None) -> SearchResult:
+        on_checkpoint: Optional[Checkpoint] = None, resume_state: Optional[dict] = None,
+        on_progress: Optional[Callable[[int], None]] = None) -> SearchResult:
     """Evolutionary search on `engine` within config.budget candidate-image evaluations."""
     config = coerce_config(config, EvolutionConfig, "evolution")
-    sr = SearchRun("evolution", engine, config, on_checkpoint, resume_state)
+    sr = SearchRun("evolution", engine, config, on_checkpoint, resume_state, on_progress)
     budget, rng, allowed = sr.budget, sr.rng, sr.allowed
     mutation_rate = 1.0 / config.length if config.mutation_rate is None else config.mutation_rate
     full_rung = len(budget.rungs) - 1

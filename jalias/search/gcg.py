@@ -9,7 +9,7 @@ steps restarts from random tokens. The result is always the best sequence seen.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -71,10 +71,11 @@ def unique_rows(cands: np.ndarray, exclude: np.ndarray) -> np.ndarray:
 
 
 def run(engine: ScoringEngine, config: Optional[GCGConfig] = None, *,
-        on_checkpoint: Optional[Checkpoint] = None, resume_state: Optional[dict] = None) -> SearchResult:
+        on_checkpoint: Optional[Checkpoint] = None, resume_state: Optional[dict] = None,
+        on_progress: Optional[Callable[[int], None]] = None) -> SearchResult:
     """GCG on `engine` within config.budget candidate-image evaluations."""
     config = coerce_config(config, GCGConfig, "gcg")
-    sr = SearchRun("gcg", engine, config, on_checkpoint, resume_state)
+    sr = SearchRun("gcg", engine, config, on_checkpoint, resume_state, on_progress)
     budget, rng = sr.budget, sr.rng
 
     def start_from(ids: np.ndarray) -> Optional[dict]:

@@ -7,7 +7,7 @@ random tokens (the best candidates found so far stay in the result).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -43,10 +43,11 @@ def position_candidates(ids: np.ndarray, pos: int, allowed: np.ndarray, n: int,
 
 
 def run(engine: ScoringEngine, config: Optional[LocalConfig] = None, *,
-        on_checkpoint: Optional[Checkpoint] = None, resume_state: Optional[dict] = None) -> SearchResult:
+        on_checkpoint: Optional[Checkpoint] = None, resume_state: Optional[dict] = None,
+        on_progress: Optional[Callable[[int], None]] = None) -> SearchResult:
     """Greedy coordinate search on `engine` within config.budget candidate-image evaluations."""
     config = coerce_config(config, LocalConfig, "local")
-    sr = SearchRun("local", engine, config, on_checkpoint, resume_state)
+    sr = SearchRun("local", engine, config, on_checkpoint, resume_state, on_progress)
     budget, rng, allowed = sr.budget, sr.rng, sr.allowed
     length = config.length
     exhaustive = allowed.size - 1 <= config.n_candidates  # every replacement is tried at each step

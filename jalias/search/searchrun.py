@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -24,11 +24,13 @@ class SearchRun:
 
     Attributes: config, budget (Budget), rng (numpy Generator), allowed (int32[M] proposable ids),
     allowed_mask (bool[V]), state (the method's loop state from resume_state, or None on a fresh start),
-    iteration (checkpoints made so far).
+    iteration (checkpoints made so far). on_progress(used) is called whenever evaluations are charged (every
+    scored batch and gradient, finer than checkpoints), e.g. by a progress bar.
     """
 
     def __init__(self, method: str, engine: ScoringEngine, config: SearchConfig,
-                 on_checkpoint: Optional[Checkpoint] = None, resume_state: Optional[dict] = None):
+                 on_checkpoint: Optional[Checkpoint] = None, resume_state: Optional[dict] = None,
+                 on_progress: Optional[Callable[[int], None]] = None):
         config.validate(engine)
         self.method = method
         self.engine = engine
@@ -37,9 +39,10 @@ class SearchRun:
         self.allowed = allowed_token_ids(config, int(engine.vocab_size), engine.special_ids)
         self.allowed_mask = np.zeros(int(engine.vocab_size), bool)
         self.allowed_mask[self.allowed] = True
-        self.round_trips = getattr(engine, "round_trips", None) if config.retokenize else None
+        self.round_trips = engine.round_trips if config.retokenize else None
         self.budget = Budget(engine, config.budget, config.negative_weight, config.halving, config.seed,
-                             config.keep_top, keep=self.round_trips)
+                             config.keep_top, keep=self.round_trips, cache_size=config.cache_size,
+                             on_charge=on_progress)
         self.rng = np.random.default_rng(config.seed)
         self.state: Optional[dict] = None
         self.iteration = 0
@@ -100,6 +103,7 @@ class SearchRun:
             stop_reason=stop_reason,
             iterations=self.iteration,
             rejected=self.budget.rejected,
+            evals_saved=self.budget.saved,
         )
 
     # ---- starting points ----

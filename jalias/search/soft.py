@@ -8,7 +8,7 @@ Adam, to the continuous x (the PEZ trick). The result is the best projected sequ
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -71,10 +71,11 @@ def decode_tree(leaves: list[dict], like: Any) -> Any:
 
 
 def run(engine: ScoringEngine, config: Optional[SoftConfig] = None, *,
-        on_checkpoint: Optional[Checkpoint] = None, resume_state: Optional[dict] = None) -> SearchResult:
+        on_checkpoint: Optional[Checkpoint] = None, resume_state: Optional[dict] = None,
+        on_progress: Optional[Callable[[int], None]] = None) -> SearchResult:
     """PEZ-style search on `engine` within config.budget candidate-image evaluations."""
     config = coerce_config(config, SoftConfig, "soft")
-    sr = SearchRun("soft", engine, config, on_checkpoint, resume_state)
+    sr = SearchRun("soft", engine, config, on_checkpoint, resume_state, on_progress)
     budget, rng, allowed = sr.budget, sr.rng, sr.allowed
 
     embeddings = jnp.asarray(engine.embedding_table, dtype=jnp.float32)  # [V, D]
