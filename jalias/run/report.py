@@ -1,14 +1,19 @@
-"""Run reports: overlay PNGs, the search-curve plot, report.json and a self-contained report.html.
+"""Run reports: overlay PNGs, search curves, the summary plot, report.json and a self-contained report.html.
 
     overlays/<slug>.png   a row per image: image | ground truth | the label's predicted mask | the alias's mask
-                          (masks tinted over the image; caption: image id, split, label / alias IoU)
-    curves.png            best search-set IoU vs candidate-image evaluations, one line per category, with the
-                          label's IoU dashed in the same colour
+                          (outline + translucent fill over the untinted image; each panel's IoU; how an image
+                          without the concept is scored; the images a row cap left out), drawn by the pipeline
+    curves.png            every category: best objective so far, and the search IoU of that candidate, vs
+                          candidate-image evaluations (the label's values at 0)
+    curves/<slug>.png     one category's curve: the same two lines and the label's objective and IoU
+    summary.png           held-out IoU per category, label vs alias (search IoU when nothing was held out)
     report.json           {"run_dir", "settings", "rows": [summary per category + "overlay"], "mean", "curves"}
-    report.html           the same as a page (inline CSS; images linked relatively, so the folder can be moved)
+    report.html           the same as a page: summary figure, a compact table (label and alias rows per category:
+                          IoU, objective, negatives predicted empty, times), the curves, and a collapsible section
+                          per category (inline CSS; images linked relatively, so the folder can be moved)
 
 `write_report(run_dir)` only reads the run directory's JSON files and overlay PNGs, so it can be re-run at any
-time; overlays are drawn while a category is searched (they need the model's predictions).
+time; overlays are drawn while a category is searched (they need the model's predictions). Figures: figures.py.
 """
 
 from __future__ import annotations
@@ -16,152 +21,55 @@ from __future__ import annotations
 import html
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
-import numpy as np
-
+from .figures import (NEGATIVE_RULE, OverlayRow, category_curve_png, curves_png, overlay_png,  # noqa: F401
+                      summary_png)
 from .io import mean, write_json_atomic
 from .model import embedded_tiny_path
 from .rundir import IOU_KEYS, RunDir
 
-PANEL = 192  # panel height in pixels
-GT_COLOUR = (40, 200, 80)
-LABEL_COLOUR = (240, 140, 20)
-ALIAS_COLOUR = (40, 120, 255)
+
+def _f(x, digits: int = 3) -> str:
+    return "&ndash;" if x is None else f"{x:.{digits}f}"
 
 
-@dataclass
-class OverlayRow:
-    """One image of an overlay: image uint8[H, W, 3]; gt, label_mask, alias_mask bool[H, W]."""
-
-    image: np.ndarray
-    gt: np.ndarray
-    label_mask: np.ndarray
-    alias_mask: np.ndarray
-    image_id: str
-    split: str
-    negative: bool
-    label_iou: float
-    alias_iou: float
+def negative_counts(result: dict) -> dict:
+    """{split: {"n", "label_empty", "alias_empty"}} from a result's per-image IoUs: how many of the split's
+    negative images (without the concept) each prompt predicts empty on (IoU 1 there exactly then)."""
+    out = {}
+    for split, per in (result.get("per_image") or {}).items():
+        neg = [p for p in per if p["negative"]]
+        out[split] = {"n": len(neg), "label_empty": sum(p["label_iou"] == 1.0 for p in neg),
+                      "alias_empty": sum(p["alias_iou"] == 1.0 for p in neg)}
+    return out
 
 
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow without FreeType support
-        return ImageFont.load_default()
-
-
-def _resize(img: np.ndarray, height: int, nearest: bool) -> "Image.Image":
-    from PIL import Image
-
-    h, w = img.shape[:2]
-    width = max(1, round(w * height / h))
-    return Image.fromarray(img).resize((width, height), Image.NEAREST if nearest else Image.BILINEAR)
-
-
-def tint(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int], alpha: float = 0.55) -> np.ndarray:
-    """uint8[H, W, 3] image with `mask` bool[H, W] blended towards `colour`; outside the mask darkened a bit."""
-    out = image.astype(np.float32) * 0.75
-    c = np.asarray(colour, np.float32)
-    out[mask] = image[mask].astype(np.float32) * (1 - alpha) + c * alpha
-    return np.clip(out, 0, 255).astype(np.uint8)
-
-
-def _fit(draw, text: str, font, width: int) -> str:
-    """Cut text with an ellipsis so it fits in `width` pixels."""
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength(text + "...", font=font) > width:
-        text = text[:-1]
-    return text + "..."
-
-
-def overlay_png(path: str | os.PathLike, rows: Sequence[OverlayRow], label: str, alias: str) -> Path:
-    """Draw the overlay grid (4 panels per row, a header with column titles) to `path`; returns it."""
-    from PIL import Image, ImageDraw
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    font, small = _font(14), _font(12)
-    gap, head, cap = 6, 24, 18
-    widths = [_resize(r.image, PANEL, False).width for r in rows] or [PANEL]
-    pw = max(widths)
-    width = 4 * pw + 5 * gap
-    height = head + len(rows) * (cap + PANEL + gap) + gap
-    canvas = Image.new("RGB", (width, height), (250, 250, 250))
-    draw = ImageDraw.Draw(canvas)
-    titles = ["image", "ground truth", f"label: {label}", f"alias: {alias}"]
-    colours = [(30, 30, 30), GT_COLOUR, LABEL_COLOUR, ALIAS_COLOUR]
-    for j, (t, c) in enumerate(zip(titles, colours)):
-        draw.text((gap + j * (pw + gap), 4), _fit(draw, t, font, pw), fill=c, font=font)
-    y = head
-    for r in rows:
-        kind = "negative, " if r.negative else ""
-        caption = f"{r.image_id} ({kind}{r.split})   label IoU {r.label_iou:.3f}   alias IoU {r.alias_iou:.3f}"
-        draw.text((gap, y + 2), _fit(draw, caption, small, width - 2 * gap), fill=(60, 60, 60), font=small)
-        y += cap
-        panels = [(r.image, False), (tint(r.image, r.gt, GT_COLOUR), True),
-                  (tint(r.image, r.label_mask, LABEL_COLOUR), True), (tint(r.image, r.alias_mask, ALIAS_COLOUR), True)]
-        for j, (img, nearest) in enumerate(panels):
-            canvas.paste(_resize(img, PANEL, nearest), (gap + j * (pw + gap), y))
-        y += PANEL + gap
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    canvas.save(tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def curves_png(path: str | os.PathLike, curves: dict[str, dict]) -> Path:
-    """curves: name -> {"history": [[evals, best_objective, best_iou], ...], "label_iou": float | None}."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    for k, (name, c) in enumerate(curves.items()):
-        colour = f"C{k % 10}"
-        hist = np.asarray(c["history"], np.float64).reshape(-1, 3)
-        if len(hist):
-            ax.step(hist[:, 0], hist[:, 2], where="post", color=colour, label=f"{name} (alias)")
-        if c.get("label_iou") is not None:
-            ax.axhline(c["label_iou"], color=colour, linestyle="--", linewidth=1, label=f"{name} (label)")
-    ax.set_xlabel("candidate-image evaluations")
-    ax.set_ylabel("best IoU on search images")
-    ax.set_title("Search curves")
-    ax.grid(alpha=0.3)
-    if curves:
-        ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
-
-
-def _f(x) -> str:
-    return "&ndash;" if x is None else f"{x:.3f}"
+SUMMARY_KEYS = ("category", "slug", "label", "label_ids", "label_iou_search", "label_iou_heldout", "alias_ids",
+                "alias_text", "alias_beat_label", "alias_iou_search", "alias_iou_heldout", "objective",
+                "negatives_empty", "evals", "seconds", "category_seconds", "n_search", "n_heldout", "overlay",
+                "overlay_left_out")
 
 
 def write_report(run_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """curves.png, report.json and report.html of a run directory from its result files; returns the JSON and
-    HTML paths."""
+    """curves.png, curves/<slug>.png, summary.png, report.json and report.html of a run directory from its result
+    files; returns the JSON and HTML paths."""
     run = RunDir(run_dir)
     settings = run.read_run()["settings"]
     results = run.finished_results()
-    summary_keys = ("category", "label", "label_ids", "label_iou_search", "label_iou_heldout", "alias_ids",
-                    "alias_text", "alias_beat_label", "alias_iou_search", "alias_iou_heldout", "evals", "seconds",
-                    "n_search", "n_heldout", "overlay", "negatives_empty")
-    rows = [{k: r.get(k) for k in summary_keys} for r in results]
-    curves_png(run.path / "curves.png",
-               {r["category"]: {"history": r["history"], "label_iou": r["label_iou_search"]} for r in results})
+    rows = [{**{k: r.get(k) for k in SUMMARY_KEYS}, "negatives": negative_counts(r)} for r in results]
+    w = settings.get("negative_weight")
+    label_obj = lambda r: (r.get("objective") or {}).get("label")  # noqa: E731
+    curves_png(run.path / "curves.png", {r["category"]: {"history": r["history"], "label_objective": label_obj(r),
+                                                         "label_iou": r["label_iou_search"]} for r in results}, w)
+    for r in results:
+        r["curve"] = f"curves/{r['slug']}.png"
+        category_curve_png(run.path / r["curve"], r["history"], label_obj(r), r["label_iou_search"], w,
+                           r["category"])
+    split = "held-out" if any(r["label_iou_heldout"] is not None for r in results) or not results else "search"
+    key = "heldout" if split == "held-out" else "search"
+    summary_png(run.path / "summary.png",
+                [(r["category"], r[f"label_iou_{key}"], r[f"alias_iou_{key}"]) for r in results], split)
 
     doc = {
         "run_dir": str(run.path.resolve()),
@@ -169,6 +77,7 @@ def write_report(run_dir: str | os.PathLike) -> tuple[Path, Path]:
         "rows": rows,
         "mean": {k: mean([r[k] for r in rows if r[k] is not None]) for k in IOU_KEYS},
         "curves": "curves.png",
+        "summary": {"figure": "summary.png", "split": split},
         "skipped_images": run.skipped_images(),
     }
     json_path = run.path / "report.json"
@@ -183,15 +92,29 @@ def write_report(run_dir: str | os.PathLike) -> tuple[Path, Path]:
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1100px; }
 table { border-collapse: collapse; margin: 1em 0; font-size: 14px; }
-th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; }
-td.n { text-align: right; font-variant-numeric: tabular-nums; }
+th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: left; vertical-align: top; }
+td.n { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 th { background: #f0f0f0; }
+th small { font-weight: normal; color: #555; }
 code { background: #f4f4f4; padding: 1px 4px; }
+td code { word-break: break-all; }
+td.txt { max-width: 18em; }
+tr.alias td { border-bottom: 2px solid #999; }
+td.cat { border-bottom: 2px solid #999; }
 img { max-width: 100%; border: 1px solid #ddd; }
 .better { color: #0a7d32; font-weight: 600; }
+.note { font-size: 13px; color: #444; max-width: 60em; }
 details { margin: 0.5em 0 1.5em; }
+details.cat { border: 1px solid #ccc; border-radius: 4px; padding: 0.3em 0.8em; margin: 0.4em 0; }
+details.cat > summary { cursor: pointer; font-size: 15px; padding: 2px 0; }
+details.cat[open] > summary { border-bottom: 1px solid #ddd; margin-bottom: 0.5em; }
 .warn { background: #fff4d6; border: 1px solid #e0b84d; padding: 6px 10px; }
 """
+
+# a link to #<slug> opens that category's section
+_OPEN_JS = ("<script>function openHash(){var e=document.getElementById(decodeURIComponent(location.hash.slice(1)));"
+            "if(e&&e.tagName==='DETAILS'){e.open=true;}}"
+            "window.addEventListener('hashchange',openHash);openHash();</script>")
 
 
 RANDOM_NOTE = ("<p class='warn'>These weights are the embedded tiny model's <b>random</b> weights: the numbers show "
@@ -204,9 +127,106 @@ def is_random_tiny(weights: str) -> bool:
     return weights == "tiny" or Path(weights).resolve() == embedded_tiny_path().resolve()
 
 
+def _negatives(c: dict | None):
+    """(label, alias, fmt) of a split's negative counts for `_pair`: 'k/n' cells, '-' without negatives."""
+    if not c or not c["n"]:
+        return None, None, _f
+    return c["label_empty"], c["alias_empty"], lambda k: f"{k}/{c['n']}"
+
+
+def _pair(label, alias, fmt) -> tuple[str, str]:
+    """Table cells of a label/alias pair; the alias's is marked when it is better."""
+    better = label is not None and alias is not None and alias > label
+    return f"<td class='n'>{fmt(label)}</td>", f"<td class='n{' better' if better else ''}'>{fmt(alias)}</td>"
+
+
+_TABLE_HEAD = ("<table class='results'><tr><th>concept</th><th>prompt</th><th>text</th>"
+               "<th>IoU<br><small>search</small></th><th>IoU<br><small>held-out</small></th>"
+               "<th>objective<br><small>search</small></th><th>negatives empty<br><small>search</small></th>"
+               "<th>negatives empty<br><small>held-out</small></th><th>evals</th><th>search s</th>"
+               "<th>category s</th></tr>")
+
+
+def _table(doc: dict) -> list[str]:
+    """Two rows per category (label, alias) so each measure compares vertically; a mean row pair at the end."""
+    e = html.escape
+    out = [_TABLE_HEAD]
+    for r in doc["rows"]:
+        obj, neg = r.get("objective") or {}, r.get("negatives") or {}
+        cells = [_pair(r["label_iou_search"], r["alias_iou_search"], _f),
+                 _pair(r["label_iou_heldout"], r["alias_iou_heldout"], _f),
+                 _pair(obj.get("label"), obj.get("alias"), _f),
+                 *[_pair(*_negatives(neg.get(k))) for k in ("search", "heldout")]]
+        alias = (f"<code>{e(r['alias_text'])}</code>" if r.get("alias_beat_label", True)
+                 else "<em>no alias beat the label</em>")
+        cat_s = r.get("category_seconds")
+        out.append(f"<tr><td class='cat' rowspan='2'><a href='#{e(r['slug'] or r['category'])}'>{e(r['category'])}"
+                   f"</a></td><td>label</td><td class='txt'><code>{e(r['label'])}</code></td>"
+                   + "".join(c[0] for c in cells)
+                   + f"<td class='n cat' rowspan='2'>{r['evals']}</td><td class='n cat' rowspan='2'>"
+                   f"{r['seconds']:.1f}</td><td class='n cat' rowspan='2'>{_f(cat_s, 1)}</td></tr>")
+        out.append("<tr class='alias'><td>alias</td><td class='txt'>" + alias + "</td>"
+                   + "".join(c[1] for c in cells) + "</tr>")
+    m = doc["mean"]
+    for who in ("label", "alias"):
+        out.append(f"<tr><th>{'mean' if who == 'label' else ''}</th><th>{who}</th><th></th>"
+                   f"<th class='n'>{_f(m[who + '_iou_search'])}</th><th class='n'>{_f(m[who + '_iou_heldout'])}</th>"
+                   + "<th></th>" * 6 + "</tr>")
+    out.append("</table>")
+    return out
+
+
+_SPLIT = {"heldout": "held-out"}
+
+
+def _section(r: dict, is_open: bool) -> list[str]:
+    """One category's collapsible section: what was searched, overlay, curve, best candidates."""
+    e = html.escape
+    slug = r.get("slug") or r["category"]
+    held = (f"held-out IoU {_f(r['label_iou_heldout'])} &rarr; {_f(r['alias_iou_heldout'])}"
+            if r["label_iou_heldout"] is not None else
+            f"search IoU {_f(r['label_iou_search'])} &rarr; {_f(r['alias_iou_search'])}")
+    result = "" if r.get("alias_beat_label", True) else " (no alias beat the label)"
+    out = [f"<details class='cat' id='{e(slug)}'{' open' if is_open else ''}><summary><b>{e(r['category'])}"
+           f"</b>: label <code>{e(r['label'])}</code> &rarr; alias <code>{e(r['alias_text'])}</code>{result}, "
+           f"{held}</summary>",
+           f"<p>Label <code>{e(r['label'])}</code> (ids {r['label_ids']}) &rarr; alias "
+           f"<code>{e(r['alias_text'])}</code> (ids {r['alias_ids']}); {r['n_search']} search and "
+           f"{r['n_heldout']} held-out positive images; stopped by {e(str(r.get('stop_reason')))} after "
+           f"{r.get('iterations')} iterations and {r['evals']} evaluations; search {r['seconds']:.1f} s of "
+           f"{_f(r.get('category_seconds'), 1)} s for the whole category.</p>"]
+    left = r.get("overlay_left_out") or []
+    if left:
+        out.append(f"<p class='warn'>Not in the overlay ({len(left)} images, "
+                   f"{e(left[0].get('reason', 'left out'))}): "
+                   + ", ".join(f"<code>{e(x['image_id'])}</code> ({e(_SPLIT.get(x['split'], x['split']))}"
+                               f"{', negative' if x.get('negative') else ''})" for x in left) + "</p>")
+    out.append(f"<img src='{e(r['overlay'])}' alt='overlays of {e(r['category'])}'>")
+    if r.get("curve"):
+        out.append(f"<br><img src='{e(r['curve'])}' alt='search curve of {e(r['category'])}'>")
+    out.append("<details><summary>best candidates</summary><table><tr><th>#</th><th>text</th><th>ids</th>"
+               "<th>objective</th><th>search IoU</th></tr>")
+    for i, c in enumerate(r.get("candidates", [])):
+        out.append(f"<tr><td>{i + 1}</td><td><code>{e(c['text'])}</code></td><td>{c['ids']}</td>"
+                   f"<td class='n'>{_f(c['objective'])}</td><td class='n'>{_f(c['train_iou'])}</td></tr>")
+    out.append("</table></details></details>")
+    return out
+
+
+def _curves(n: int) -> list[str]:
+    img = "<img src='curves.png' alt='best objective and search IoU vs evaluations, every category'>"
+    if n <= 8:
+        return ["<h2>Search curves</h2>", img]
+    # many lines in one plot: folded; each category's own curve is in its section
+    return ["<h2>Search curves</h2><details><summary>all " + str(n) + " categories in one plot (each category's "
+            "curve is also in its section below)</summary>", img, "</details>"]
+
+
 def _html(doc: dict, results: list[dict]) -> str:
     e = html.escape
     s = doc["settings"]
+    w = s.get("negative_weight", 0.5)
+    split = doc["summary"]["split"]
     out = ["<!DOCTYPE html>", "<html><head><meta charset='utf-8'><title>jalias report</title>",
            f"<style>{_CSS}</style></head><body>", "<h1>jalias run report</h1>",
            f"<p>Method <b>{e(str(s['method']))}</b>, budget {s['budget']} evaluations per category, "
@@ -219,40 +239,23 @@ def _html(doc: dict, results: list[dict]) -> str:
            *([f"<p class='warn'>Left out as unreadable (--skip-bad-images): "
               + ", ".join(f"<code>{e(k)}</code> ({e(v)})" for k, v in doc["skipped_images"].items()) + "</p>"]
              if doc.get("skipped_images") else []),
-           "<table><tr><th>concept</th><th>label</th><th>label IoU search</th><th>label IoU held-out</th>"
-           "<th>alias</th><th>alias IoU search</th><th>alias IoU held-out</th><th>evals</th><th>seconds</th></tr>"]
-    for r in doc["rows"]:
-        better = (r["alias_iou_heldout"] is not None and r["label_iou_heldout"] is not None
-                  and r["alias_iou_heldout"] > r["label_iou_heldout"])
-        cls = " class='n better'" if better else " class='n'"
-        alias = (f"<code>{e(r['alias_text'])}</code>" if r.get("alias_beat_label", True)
-                 else "<em>no alias beat the label</em>")
-        out.append(
-            f"<tr><td><a href='#{e(r['category'])}'>{e(r['category'])}</a></td><td>{e(r['label'])}</td>"
-            f"<td class='n'>{_f(r['label_iou_search'])}</td><td class='n'>{_f(r['label_iou_heldout'])}</td>"
-            f"<td>{alias}</td><td class='n'>{_f(r['alias_iou_search'])}</td>"
-            f"<td{cls}>{_f(r['alias_iou_heldout'])}</td><td class='n'>{r['evals']}</td>"
-            f"<td class='n'>{r['seconds']:.1f}</td></tr>")
-    m = doc["mean"]
-    out.append(f"<tr><th>mean</th><th></th><th class='n'>{_f(m['label_iou_search'])}</th>"
-               f"<th class='n'>{_f(m['label_iou_heldout'])}</th><th></th><th class='n'>{_f(m['alias_iou_search'])}"
-               f"</th><th class='n'>{_f(m['alias_iou_heldout'])}</th><th></th><th></th></tr></table>")
-    out.append("<h2>Search curves</h2><img src='curves.png' alt='best IoU vs evaluations'>")
+           f"<h2>Summary: {len(results)} categories</h2>",
+           f"<img class='summary' src='{doc['summary']['figure']}' alt='{split} IoU per category, label vs alias'>",
+           *_table(doc),
+           f"<p class='note'><b>IoU</b>: mean over the positive images (with the concept) of the split. "
+           f"<b>objective</b>: what the search maximises on the search images, mean IoU on positives &minus; {w:g} "
+           f"&times; mean(1 &minus; IoU) on negatives. <b>negatives empty</b>: of the split's negative images "
+           f"(without the concept), on how many the prompt predicts nothing; {NEGATIVE_RULE}, so an alias can "
+           f"trade IoU on positives for clean negatives. Green: the alias is higher. <b>search s</b>: wall time of "
+           f"the search; <b>category s</b>: the whole category (images, label, search, held-out scoring, "
+           f"overlays).</p>",
+           *_curves(len(results)),
+           "<h2>Categories</h2><p class='note'>Click a category to open it: overlays of every search and held-out "
+           "image (or the list of those left out) and its search curve.</p>"]
     for r in results:
-        out.append(f"<h2 id='{e(r['category'])}'>{e(r['category'])}</h2>")
-        out.append(f"<p>Label <code>{e(r['label'])}</code> (ids {r['label_ids']}) &rarr; alias "
-                   f"<code>{e(r['alias_text'])}</code> (ids {r['alias_ids']}); {r['n_search']} search and "
-                   f"{r['n_heldout']} held-out images; stopped by {e(str(r.get('stop_reason')))} after "
-                   f"{r.get('iterations')} iterations.</p>")
-        out.append(f"<img src='{e(r['overlay'])}' alt='overlays of {e(r['category'])}'>")
-        out.append("<details><summary>best candidates</summary><table><tr><th>#</th><th>text</th><th>ids</th>"
-                   "<th>objective</th><th>search IoU</th></tr>")
-        for i, c in enumerate(r.get("candidates", [])):
-            out.append(f"<tr><td>{i + 1}</td><td><code>{e(c['text'])}</code></td><td>{c['ids']}</td>"
-                       f"<td class='n'>{_f(c['objective'])}</td><td class='n'>{_f(c['train_iou'])}</td></tr>")
-        out.append("</table></details>")
+        out += _section(r, len(results) <= 3)
     out.append("<p>Files: <a href='report.json'>report.json</a>, <a href='all_results.json'>all_results.json</a>, "
-               "<a href='log.txt'>log.txt</a>.</p></body></html>")
+               f"<a href='log.txt'>log.txt</a>.</p>{_OPEN_JS}</body></html>")
     return "\n".join(out)
 
 

@@ -18,8 +18,8 @@ RESULTS_FORMAT = "jalias.results"
 RUN_FORMAT = "jalias.run"
 FORMAT_VERSION = 1
 SUMMARY_KEYS = ("category", "slug", "label", "label_ids", "label_iou_search", "label_iou_heldout", "alias_ids",
-                "alias_text", "alias_beat_label", "alias_iou_search", "alias_iou_heldout", "evals", "seconds",
-                "method", "n_search", "n_heldout")
+                "alias_text", "alias_beat_label", "alias_iou_search", "alias_iou_heldout", "objective",
+                "negatives_empty", "evals", "seconds", "category_seconds", "method", "n_search", "n_heldout")
 IOU_KEYS = ("label_iou_search", "label_iou_heldout", "alias_iou_search", "alias_iou_heldout")
 
 
@@ -177,11 +177,11 @@ class RunDir:
                 slugs = [c["slug"] for c in self.categories()]
             except (ValueError, KeyError, TypeError):
                 slugs = []
-        names = {"run.json", "all_results.json", "report.json", "report.html", "log.txt", "curves.png",
+        names = {"run.json", "all_results.json", "report.json", "report.html", "log.txt", "curves.png", "summary.png",
                  *(f"{s}.json" for s in slugs)}
         for name in names:
             (self.path / name).unlink(missing_ok=True)
-        for sub in ("state", "overlays"):
+        for sub in ("state", "overlays", "curves"):
             shutil.rmtree(self.path / sub, ignore_errors=True)
 
     def has_progress(self) -> bool:
@@ -228,7 +228,7 @@ class RunDir:
             "format": RESULTS_FORMAT, "version": FORMAT_VERSION, "run_dir": str(self.path.resolve()),
             "settings": settings.to_dict(),
             "finished": len(results), "total": len(self.categories()), "skipped_images": self.skipped_images(),
-            "categories": {r["category"]: {k: r[k] for k in SUMMARY_KEYS} for r in results},
+            "categories": {r["category"]: {k: r.get(k) for k in SUMMARY_KEYS} for r in results},
             "mean": {k: mean([r[k] for r in results if r[k] is not None]) for k in IOU_KEYS},
         }
         summary = clean(summary)
