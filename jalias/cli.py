@@ -71,7 +71,9 @@ def _handled(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             typer.echo("interrupted: progress saved; run the same command with --resume to continue", err=True)
             raise typer.Exit(130)
-        except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, RunError, ImportError) as e:
+        # OSError: e.g. a disk full while writing (the last state written stays; --resume continues after the fix)
+        except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, OSError, RunError,
+                ImportError) as e:
             _fail(str(e))
     return wrapper
 
@@ -151,6 +153,8 @@ ADAPTER_HELP = ("adapter directory written by `jalias adapt` (or a folder of the
                 "(one embed adapter per label)")
 
 
+DTYPE_HELP = ("compute dtype: float32 | bfloat16 (default float32 on every backend, as default_dtype() says: bf16 "
+              "is not yet measured equal to fp32 on a GPU; a resumed run keeps its dtype)")
 PROMPT_MODE_HELP = ("which SAM3 to reproduce: meta (Meta's own: geometry CLS token on every text prompt, token id 0 "
                     "masked) | hf (transformers' Sam3Model); default meta when the checkpoint has the geometry "
                     "encoder (HF and Meta checkpoints do), else hf; a resumed run keeps its mode.")
@@ -176,7 +180,9 @@ def search(
     chunk_size: Optional[int] = typer.Option(None, help="candidates per compiled step (default: from memory)"),
     init: str = typer.Option("random", help="start from 'random' tokens or the 'label'"),
     negative_weight: float = typer.Option(0.5, help="weight of false detections on negative images"),
-    dtype: str = typer.Option("float32", help="compute dtype: float32 | bfloat16"),
+    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
+    grad_batch: int = typer.Option(1, help="images per step of the gradient's image loop (gcg, soft; vmapped: "
+                                   "faster on a GPU, more memory; halved on device out-of-memory)"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="method option KEY=VALUE, e.g. search_width=64"),
     checkpoint_every: float = typer.Option(5.0, help="seconds between search-state checkpoints"),
     no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar"),
@@ -193,7 +199,7 @@ def search(
         length=length, max_images=max_images, heldout=heldout, negatives=negatives, seed=seed, out=out,
         resume=resume, overwrite=overwrite, chunk_size=chunk_size, init=init, negative_weight=negative_weight,
         dtype=dtype, options=_options(set_), checkpoint_every=checkpoint_every, progress=not no_progress,
-        prompt_mode=prompt_mode, adapters=adapter, skip_bad_images=skip_bad_images)
+        prompt_mode=prompt_mode, adapters=adapter, skip_bad_images=skip_bad_images, grad_batch=grad_batch)
     _print_results(summary, out, f"jalias search ({method}, {budget} evaluations per category)")
 
 
@@ -209,7 +215,7 @@ def eval_(
     max_images: Optional[int] = typer.Option(None, help="images per category (default: all)"),
     negatives: int = typer.Option(0, help="negative images per category"),
     chunk_size: Optional[int] = typer.Option(None, help="candidates per compiled step"),
-    dtype: str = typer.Option("float32", help="compute dtype: float32 | bfloat16"),
+    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
     json_out: Optional[str] = typer.Option(None, "--json", help="also write the results as JSON to this file "
                                                                 "('-': print JSON instead of the table)"),
     prompt_mode: Optional[str] = typer.Option(None, "--prompt-mode", help=PROMPT_MODE_HELP + " Evaluate an alias "
@@ -252,13 +258,15 @@ def export(
     no_pred_masks: bool = typer.Option(False, "--no-pred-masks", help="leave out every query's mask logits"),
     prompt_mode: Optional[str] = typer.Option(None, "--prompt-mode", help="meta | hf (default: the mode the "
                                               "run searched in)"),
+    batch: int = typer.Option(1, help="images per image-encoder call (1: the run's numbers to the last bit; more "
+                              "is faster on a GPU; halved on device out-of-memory)"),
 ):
     """Teacher targets of a run: alias ids, text features, and per-image masks / logits (.npz + index.json)."""
     from .run.export import export_run
 
     if not (run_dir / "run.json").exists():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no run.json)")
-    path = export_run(run_dir, out, full_masks=not no_pred_masks, prompt_mode=prompt_mode)
+    path = export_run(run_dir, out, full_masks=not no_pred_masks, prompt_mode=prompt_mode, batch=batch)
     index = json.loads(path.read_text())
     typer.echo(f"exported {len(index['categories'])} categories to {path.parent} (index: {path})")
 

@@ -114,8 +114,41 @@ def test_demo_writes_report_and_sane_results(demo_run):
     assert "<b>random</b> weights" in html  # the demo's tiny model is random, and the report says so
     links = re.findall(r"(?:src|href)='([^'#]+)'", html)
     assert links and all(not link.startswith("/") and (out / link).is_file() for link in links)  # relative, present
-    # the table on stdout
-    assert "striped_blob" in result.stdout and "alias IoU" in result.stdout
+    # one collapsible section per category (open: only 3), the summary figure, each category's curve
+    assert html.count("<details class='cat'") == 3
+    assert html.count("<details class='cat' id='striped_blob' open>") == 1
+    assert "src='summary.png'" in html and "src='curves/striped_blob.png'" in html
+    # the log names what its time measures; the table on stdout shows the objective, negatives and both times
+    log = (out / "log.txt").read_text()
+    assert re.search(r"striped_blob: category done in [0-9.]+s \(search [0-9.]+s, the rest", log)
+    for word in ("striped_blob", "IoU", "objective", "negatives", "search s", "category s"):
+        assert word in result.stdout, word
+    assert re.search(r"striped_blob +│ label 'striped blob'", result.stdout)
+
+
+def test_demo_overlays_show_every_image(demo_run):
+    """Every search and held-out image (negatives included) is a row of its category's overlay, in split order:
+    its image panel is the image itself, resized, untinted (none left out at the default cap of 24 rows)."""
+    from PIL import Image
+
+    from jalias.run.figures import PANEL
+
+    out, _ = demo_run
+    settings = RunDir(out).read_settings()
+    for name in DEMO_CONCEPTS:
+        res = json.loads((out / f"{name}.json").read_text())
+        assert res["overlay_left_out"] == []
+        canvas = np.asarray(Image.open(out / res["overlay"]).convert("RGB"))
+        inputs = rebuild_inputs(settings, res)
+        assert len(inputs["images"]) == 8  # 4 + 1 negative search, 2 + 1 held-out
+        rows = []
+        for img in inputs["images"]:
+            panel = np.asarray(Image.fromarray(img).resize((PANEL, PANEL), Image.BILINEAR))
+            hits = [y for y in range(canvas.shape[0] - PANEL + 1)
+                    if np.array_equal(canvas[y:y + PANEL, 6:6 + PANEL], panel)]
+            assert len(hits) == 1, (name, len(hits))
+            rows.append(hits[0])
+        assert rows == sorted(rows)
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ image for ``Sam3Model`` when run on CPU:
    them: ``(x - 127.5) / 127.5`` in float32.
 
 The resize is re-implemented here in numpy with the same integer arithmetic, so on CPU the result is
-bit-identical to the transformers processor (tests/test_data.py checks this). S comes from the model
-config (1008 for the released SAM3 checkpoint).
+bit-identical to the transformers processor (tests/test_data.py checks this, also without torchvision).
+S comes from the model config (1008 for the released SAM3 checkpoint).
 """
 
 from __future__ import annotations

@@ -2,12 +2,14 @@
 
     api.py        search_dataset / demo / evaluate_prompt: the Python API behind the `jalias` command
     pipeline.py   one category: label baseline, resumable search, held-out evaluation, overlay, <slug>.json
+    oom.py        device out-of-memory: halve what the failing path uses (chunk size, gradient or export batch)
     splits.py     a category's search / held-out images, loaded, and rebuilt from a finished run (for export)
     model.py      the model a run uses (checkpoint by path or name, or the embedded tiny model)
     rundir.py     RunSettings and RunDir: the run directory below
     io.py         atomic JSON, JSON-safe values, the log, RunError
     progress.py   progress bar and results table
-    report.py     overlays, curves.png, report.json / report.html (reads only the run directory)
+    report.py     report.json / report.html and its figures (reads only the run directory)
+    figures.py    overlay grids, search curves, the label-vs-alias summary plot
     export.py     teacher targets of a finished run (.npz + index.json)
     adapt.py      `jalias adapt`: one adapter (jalias.adapt) per finished category, measured on held-out images
 
@@ -27,8 +29,9 @@ Run directory (runs/<name>/):
                         alias_iou_{search,heldout} (means over positive images), per-image IoUs, the image ids of
                         each split, evals, seconds, method config, best candidates, search history
     all_results.json    summary of every finished category (written after each one)
-    overlays/<slug>.png image | ground truth | label's mask | alias's mask, a row per image
-    curves.png, report.json, report.html    (report.py)
+    overlays/<slug>.png image | ground truth | label's mask | alias's mask, a row per image (up to the cap, the
+                        others listed in <slug>.json's overlay_left_out and the report)
+    curves.png, curves/<slug>.png, summary.png, report.json, report.html    (report.py)
     data/               demo only: the generated synthetic COCO dataset
 
 Resume (`resume=True`, same settings): finished categories are skipped; an unfinished one continues from its

@@ -24,10 +24,11 @@ def search_dataset(weights: str, annotations: str | os.PathLike, images: str | o
                    length: int = 4, max_images: int | None = 10, heldout: float = 0.3, negatives: int = 0,
                    seed: int = 0, out: str | os.PathLike = "runs/search", resume: bool = False,
                    overwrite: bool = False, chunk_size: int | None = None, init: str = "random",
-                   negative_weight: float = 0.5, dtype: str = "float32", options: dict | None = None,
+                   negative_weight: float = 0.5, dtype: str | None = None, options: dict | None = None,
                    checkpoint_every: float = 5.0, report: bool = True, progress: bool = True, console=None,
-                   model=None, overlay_rows: int = 6, prompt_mode: str | None = None,
-                   adapters: Sequence[str] | None = None, skip_bad_images: bool = False) -> dict:
+                   model=None, overlay_rows: int = 24, prompt_mode: str | None = None,
+                   adapters: Sequence[str] | None = None, skip_bad_images: bool = False,
+                   grad_batch: int = 1) -> dict:
     """Search an alias for each category of a COCO dataset; returns the all_results.json dict.
 
     weights: checkpoint path or name (see `jalias.run.model.load_model`); categories: names (None: all with
@@ -39,15 +40,19 @@ def search_dataset(weights: str, annotations: str | os.PathLike, images: str | o
     directories (or folders of them) from `jalias adapt`, applied to the model and recorded in run.json (a model
     passed as `model` must not carry adapters of its own: name them here). Every image is decoded before any
     search; an unreadable one is an error, or with skip_bad_images left out and listed (run.json, all_results.json,
-    the report). Results are written to `out`.
+    the report). Results are written to `out`. dtype: compute dtype, None: `default_dtype()` (float32 on every
+    backend today; on resume, the run's). chunk_size / grad_batch: exact-scoring candidates per step (None: from
+    free memory) and gradient images per step; device out-of-memory halves the failing path's (`oom.py`).
     """
     from ..data import load_coco
+    from ..model.layers import default_dtype
 
     settings = RunSettings(
         weights=weights_spec(str(weights)), annotations=str(Path(annotations).resolve()),
         images=str(Path(images).resolve()), categories=list(categories) if categories else None, method=method,
         budget=int(budget), length=int(length), max_images=max_images, heldout=float(heldout),
-        negatives=int(negatives), seed=int(seed), init=init, negative_weight=float(negative_weight), dtype=dtype,
+        negatives=int(negatives), seed=int(seed), init=init, negative_weight=float(negative_weight),
+        dtype=default_dtype() if dtype is None else dtype,
         options=dict(options or {}), prompt_mode=prompt_mode, adapters=adapter_paths(adapters),
         skip_bad_images=bool(skip_bad_images))
     settings.validate()
@@ -56,7 +61,11 @@ def search_dataset(weights: str, annotations: str | os.PathLike, images: str | o
                          "adapters=... so run.json records them")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk-size must be >= 1, got {chunk_size}")
+    if grad_batch < 1:
+        raise ValueError(f"grad-batch must be >= 1, got {grad_batch}")
     run = RunDir(out)
+    if resume and dtype is None and run.run_json.exists():
+        settings.dtype = run.read_settings().dtype  # the dtype the run started with, whatever today's default
     if resume and prompt_mode is None and run.run_json.exists():
         settings.prompt_mode = run.read_settings().prompt_mode  # continue in the mode the run started with
     run.prepare(settings, resume, overwrite)
@@ -86,7 +95,7 @@ def search_dataset(weights: str, annotations: str | os.PathLike, images: str | o
                     log(f"{cd.name}: finished earlier, skipped")
                     continue
                 search_category(model, cd, cat["slug"], settings, run, resume, chunk_size, checkpoint_every,
-                                bar, kill, overlay_rows, f"{k + 1}/{len(cats)}")
+                                bar, kill, overlay_rows, f"{k + 1}/{len(cats)}", grad_batch=grad_batch)
                 run.write_summary(settings)
         summary = run.write_summary(settings)
         if report:
@@ -101,19 +110,25 @@ def search_dataset(weights: str, annotations: str | os.PathLike, images: str | o
         log("interrupted")
         raise
     except Exception as e:
-        log(f"error: {type(e).__name__}: {e}")
+        try:
+            log(f"error: {type(e).__name__}: {e}")
+        except OSError:  # e.g. the disk that stopped the run is full: the error itself must still reach the user
+            pass
         done = run.finished_results()
         if not done:
             raise
         # nothing finished is lost: summary and report of what finished, and how to go on
-        run.write_summary(settings)
-        if report:
-            from .report import write_report
+        try:
+            run.write_summary(settings)
+            if report:
+                from .report import write_report
 
-            try:
                 write_report(run.path)
-            except Exception as r:  # the report must not hide the error that stopped the run
-                log(f"report not written: {type(r).__name__}: {r}")
+        except Exception as r:  # the summary / report must not hide the error that stopped the run
+            try:
+                log(f"summary or report not written: {type(r).__name__}: {r}")
+            except OSError:
+                pass
         names = ", ".join(r["category"] for r in done[:5]) + (", ..." if len(done) > 5 else "")
         total = f" of {len(cats)}" if cats else ""
         raise RunError(f"{e} ({len(done)}{total} categories finished, kept and reported in {run.path}: {names}; "
@@ -191,7 +206,7 @@ def _prompt_ids(prompt: str | None, tokens: Sequence[int] | None) -> list[int]:
 def evaluate_prompt(weights: str, annotations: str | os.PathLike, images: str | os.PathLike,
                     prompt: str | None = None, tokens: Sequence[int] | None = None,
                     categories: Sequence[str] | None = None, max_images: int | None = None, negatives: int = 0,
-                    chunk_size: int | None = None, dtype: str = "float32", threshold: float = 0.5,
+                    chunk_size: int | None = None, dtype: str | None = None, threshold: float = 0.5,
                     model=None, prompt_mode: str | None = None, adapters: Sequence[str] | None = None) -> dict:
     """IoU of one prompt (text, or content token ids) on every image of each category.
 

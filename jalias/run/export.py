@@ -38,6 +38,10 @@ targets for distilling the alias into another model. Output folder (default RUN_
 
 The run directory records what is needed to rebuild these inputs: run.json (weights, annotations, images folder,
 settings) and each <category>.json (the image ids of every split).
+
+Images go through the image encoder `batch` at a time (default 1: one per call, as the engine encodes them, so the
+targets match the run's numbers to the last bit; more is faster on a GPU, with values equal to float rounding).
+On device out-of-memory the batch is halved and the failed batch repeated (down to 1, then a one-line RunError).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..engine.predict import UNION_FLOOR, layout, predict
+from ..model.preprocess import preprocess
 from .io import write_json_atomic
 from .model import load_model
 from .rundir import RunDir
@@ -89,11 +94,39 @@ def text_targets(model, ids: Sequence[int]) -> dict[str, np.ndarray]:
     return {"input_ids": input_ids[0], "attention_mask": mask[0], "prompt_features": feats, "token_embeddings": emb}
 
 
+def _predict_batch(model, images, gts, alias_ids, threshold: float) -> list[dict]:
+    """`predict` of the alias on each image, the images encoded in one call."""
+    import jax
+
+    ctx = model.encode_image(preprocess(list(images), model.config.image_size))
+    return [predict(model, img, [alias_ids], threshold, context=jax.tree_util.tree_map(lambda x: x[j:j + 1], ctx),
+                    mask_shape=np.asarray(gt).shape) for j, (img, gt) in enumerate(zip(images, gts))]
+
+
+def predict_all(model, images, gts, alias_ids, threshold: float, batch: int = 1, log=None,
+                what: str = "exporting") -> tuple[list[dict], int]:
+    """`predict` outputs of the alias on every image, `batch` images per image-encoder call, halved on device
+    out-of-memory (the failed batch is repeated) -> (outputs, the batch size in use at the end)."""
+    from .oom import halve_on_oom
+
+    if batch < 1:
+        raise ValueError(f"export batch must be >= 1 image, got {batch}")
+    outs: list[dict] = []
+    while len(outs) < len(images):
+        s = len(outs)
+        done, batch = halve_on_oom(lambda b: _predict_batch(model, images[s:s + b], gts[s:s + b], alias_ids,
+                                                            threshold), batch, log or (lambda m: None), what,
+                                   "image", "image-encoder call")
+        outs += done
+    return outs, batch
+
+
 def export_category(model, path: str | os.PathLike, alias_ids: Sequence[int], label_ids: Sequence[int],
                     images: Sequence[np.ndarray], gts: Sequence[np.ndarray], image_ids: Sequence[str],
                     split: Sequence[str], is_negative: Sequence[bool], threshold: float = 0.5,
-                    full_masks: bool = True) -> dict[str, Any]:
-    """Write one category's `.npz` (keys in the module docstring); returns {"n_images", "iou"}.
+                    full_masks: bool = True, batch: int = 1, log=None) -> dict[str, Any]:
+    """Write one category's `.npz` (keys in the module docstring); returns {"n_images", "iou", "batch"} (batch:
+    images per encoder call at the end, after any out-of-memory halving; log receives those retries).
 
     images: K uint8[H_i, W_i, 3]; gts: K bool[H_i, W_i] ground truth (all False for negatives).
     """
@@ -104,8 +137,9 @@ def export_category(model, path: str | os.PathLike, alias_ids: Sequence[int], la
                                                 "union_logits", "semantic_logits", "pred_masks")}
     arrays: dict[str, np.ndarray] = {}
     ious = np.zeros(k, np.float32)
-    for i, (img, gt) in enumerate(zip(images, gts)):
-        out = predict(model, img, [alias_ids], threshold, mask_shape=np.asarray(gt).shape)
+    outs, batch = predict_all(model, list(images), list(gts), alias_ids, threshold, batch, log,
+                              f"exporting {Path(path).stem}")
+    for i, (out, gt) in enumerate(zip(outs, gts)):
         for key in per:
             per[key].append(out[key][0])
         arrays[f"mask_{i:03d}"] = out["masks"][0]
@@ -129,12 +163,15 @@ def export_category(model, path: str | os.PathLike, alias_ids: Sequence[int], la
     tmp = path.with_name(f".{path.stem}.tmp.npz")
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
-    return {"n_images": k, "iou": ious}
+    return {"n_images": k, "iou": ious, "batch": batch}
 
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, full_masks: bool = True,
-               model=None, prompt_mode: str | None = None) -> Path:
+               model=None, prompt_mode: str | None = None, batch: int = 1) -> Path:
     """Export every finished category of a run directory (see module docstring); returns the index.json path.
+
+    batch: images per image-encoder call (halved on device out-of-memory, logged to the run's log.txt; a later
+    category starts from the halved size).
 
     The teacher targets are computed in the prompt mode the run searched in (run.json), unless prompt_mode says
     otherwise.
@@ -159,7 +196,8 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
         file = f"{res['slug']}.npz"
         info = export_category(model, out / file, res["alias_ids"], res["label_ids"], inputs["images"],
                                inputs["gts"], inputs["image_ids"], inputs["split"], inputs["is_negative"],
-                               settings.threshold, full_masks)
+                               settings.threshold, full_masks, batch, run.log)
+        batch = info["batch"]
         entries.append({
             "category": res["category"], "file": file, "label": res["label"], "alias_ids": res["alias_ids"],
             "alias_text": res["alias_text"], "n_images": info["n_images"],

@@ -40,11 +40,12 @@ def adapter_paths(paths) -> list[str]:
     return [str(d.resolve()) for p in (paths or []) for d in adapter_dirs(p)]
 
 
-def load_model(weights: str, dtype: str | None = "float32", prompt_mode: str | None = None,
+def load_model(weights: str, dtype: str | None = None, prompt_mode: str | None = None,
                adapters: Sequence[str] = ()):
     """-> (Sam3, note). adapters: adapter directories applied on top (see `adapter_paths`). `weights`: a checkpoint path (Orbax dir, HF dir, .safetensors, .bin, Meta .pt), a name
     under weights/ or $JALIAS_WEIGHTS, or "tiny" (embedded checkpoint, built in memory if it is absent).
     prompt_mode: "meta" | "hf" | None (the model's default: "meta" when it has the geometry encoder).
+    dtype: compute dtype; None: `jalias.model.layers.default_dtype()` (float32 on every backend today).
     note: a one-line remark for the user, or "" (e.g. that the tiny model was built in memory)."""
     model, note = _load_base(weights, dtype, prompt_mode)
     if adapters:
@@ -55,8 +56,10 @@ def load_model(weights: str, dtype: str | None = "float32", prompt_mode: str | N
 
 
 def _load_base(weights: str, dtype: str | None, prompt_mode: str | None):
+    from ..model.layers import default_dtype
     from ..weights.convert import load, resolve
 
+    dtype = default_dtype() if dtype is None else dtype
     if str(weights) == "tiny":
         try:
             path = resolve("tiny")

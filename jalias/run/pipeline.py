@@ -1,6 +1,7 @@
 """One category of a run: label baseline, resumable search, held-out evaluation, overlay, <slug>.json.
 
-Device out-of-memory halves the engine's chunk size and repeats the step (`with_oom_retry`); the search state
+Device out-of-memory halves what the failing path uses (exact scoring: the chunk size; the gradient: its image
+batch) and repeats the step (`oom.with_oom_retry`, which names the rule); the search state
 is written atomically by `Checkpointer` at most every `checkpoint_every` seconds, on Ctrl-C / SIGTERM and at the
 category's end, so a resumed search continues exactly.
 """
@@ -12,12 +13,13 @@ import gc
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from . import report
 from .io import RunError, clean, fmt, mean, read_json, write_json_atomic
+from .oom import is_oom, with_oom_retry  # noqa: F401  (is_oom: also imported from here)
 from .rundir import RunDir, RunSettings
 from .splits import Split, label_ids_of, load_split, split_category
 
@@ -41,38 +43,17 @@ class KillSwitch:
                 raise SimulatedKill(f"simulated kill ({KILL_ENV})")
 
 
-def is_oom(e: BaseException) -> bool:
-    """XLA RESOURCE_EXHAUSTED (device out of memory) or host MemoryError."""
-    text = f"{type(e).__name__}: {e}"
-    return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in text or "Out of memory" in text
-
-
-def with_oom_retry(engine, fn: Callable[[], Any], log: Callable[[str], None], what: str) -> Any:
-    """Call fn(); on XLA RESOURCE_EXHAUSTED halve engine.chunk_size and call again, down to one candidate per
-    device, then raise RunError. fn must be safe to repeat (searches resume from their last checkpoint)."""
-    floor = max(1, len(getattr(engine, "devices", [None])))
-    while True:
-        try:
-            return fn()
-        except Exception as e:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
-            if not is_oom(e):
-                raise
-            if engine.chunk_size <= floor:
-                raise RunError(f"out of device memory while {what}, even with chunk size {engine.chunk_size}: "
-                               "use fewer --max-images or a smaller model") from None
-            new = max(floor, engine.chunk_size // 2)
-            log(f"out of memory while {what} at chunk size {engine.chunk_size}; retrying with {new}")
-            engine.chunk_size = new
-            gc.collect()
-
-
-def make_engine(model, split: Split, settings: RunSettings, chunk_size: int | None, prefix_cache: bool = True):
+def make_engine(model, split: Split, settings: RunSettings, chunk_size: int | None, prefix_cache: bool = True,
+                grad_batch: int = 1):
+    """The engine of one split; grad_batch: images per step of the gradient's image loop (halved on OOM)."""
     from ..engine import Engine
 
     try:
-        return Engine(model, split.images, split.gts, negative=split.is_negative, chunk_size=chunk_size,
-                      prefix_cache=prefix_cache, threshold=settings.threshold,
-                      negative_weight=settings.negative_weight)
+        engine = Engine(model, split.images, split.gts, negative=split.is_negative, chunk_size=chunk_size,
+                        prefix_cache=prefix_cache, threshold=settings.threshold,
+                        negative_weight=settings.negative_weight)
+        engine.grad_batch = int(grad_batch)
+        return engine
     except Exception as e:  # noqa: BLE001
         if is_oom(e):
             raise RunError(f"out of device memory while encoding {len(split)} images: use fewer --max-images "
@@ -107,7 +88,11 @@ class Checkpointer:
 
     def flush(self) -> None:
         if self.latest is not None and self.dirty:
-            write_json_atomic(self.path, {"category": self.category, "state": self.latest}, indent=None)
+            try:
+                write_json_atomic(self.path, {"category": self.category, "state": self.latest}, indent=None)
+            except OSError as e:  # e.g. disk full: the atomic write left the previous state file as it was
+                raise RunError(f"cannot write the search state {self.path} ({e.strerror or e}); the state saved "
+                               "before is kept: free space and run the same command with --resume") from e
             self.last_write = time.monotonic()
             self.dirty = False
 
@@ -135,6 +120,8 @@ def _search(engine, name: str, slug: str, config, settings: RunSettings, run: Ru
     log = run.log
     state_path = run.state_path(slug)
     initial = None
+    for stale in state_path.parent.glob(f".{state_path.name}.tmp-*") if resume else ():
+        stale.unlink(missing_ok=True)  # the temp file of a state write cut short by a kill (never the state)
     if resume and state_path.exists():
         initial = read_json(state_path, "search state").get("state")
         if initial is not None:
@@ -143,9 +130,12 @@ def _search(engine, name: str, slug: str, config, settings: RunSettings, run: Ru
     task = progress.start(f"{name} ({position})", settings.budget, initial)
     ckpt = Checkpointer(state_path, name, initial, checkpoint_every, lambda s: progress.update(task, s), kill)
     try:
+        # the bar moves with every charged chunk of evaluations, not only at checkpoints
         result = with_oom_retry(
-            engine, lambda: run_search(settings.method, engine, config, on_checkpoint=ckpt, resume_state=ckpt.latest),
+            engine, lambda: run_search(settings.method, engine, config, on_checkpoint=ckpt, resume_state=ckpt.latest,
+                                       on_progress=lambda used: progress.advance(task, used)),
             log, f"searching {name}")
+        progress.finish(task, result.evals_used, result.stop_reason)
     except KeyboardInterrupt:
         ckpt.flush()
         log(f"{name}: interrupted; search state saved to {state_path}")
@@ -157,29 +147,53 @@ def _search(engine, name: str, slug: str, config, settings: RunSettings, run: Ru
     return result
 
 
+def pick_overlay_rows(splits: Sequence[np.ndarray], cap: int) -> tuple[list, list]:
+    """Which images an overlay shows: every one while they fit in `cap` rows, else the cap shared round-robin
+    among the groups (each split's positives, each split's negatives) so every group keeps some rows.
+    splits: is_negative bool[K] per split. Returns (shown, left out): (split index, image index) lists, in
+    split order with positives first."""
+    groups = [[(s, int(i)) for i in np.flatnonzero(neg == kind)]
+              for s, neg in enumerate(splits) for kind in (False, True)]
+    shown: list = []
+    depth = 0
+    while len(shown) < cap and any(depth < len(g) for g in groups):
+        for g in groups:
+            if depth < len(g) and len(shown) < cap:
+                shown.append(g[depth])
+        depth += 1
+    order = [x for g in groups for x in g]
+    keep = set(shown)
+    return [x for x in order if x in keep], [x for x in order if x not in keep]
+
+
 def _overlay(model, path: Path, parts, label_ids, alias_ids, threshold: float, overlay_rows: int, label: str,
-             alias_text: str) -> None:
-    """A few positives of each split and one negative, with the engine's prediction rule.
-    parts: (split name, Split, engine, label IoU [K], alias IoU [K]) per split."""
+             alias_text: str) -> list[dict]:
+    """Every image of every split (up to `overlay_rows` rows, `pick_overlay_rows`), with the engine's prediction
+    rule. parts: (split name, Split, engine, label IoU [K], alias IoU [K]) per split. Returns the images left
+    out: [{"image_id", "split", "negative", "reason"}] (also named on the figure)."""
     from ..engine.predict import predict
 
+    shown, left = pick_overlay_rows([p[1].is_negative for p in parts], overlay_rows)
     rows = []
-    for split_name, split, eng, il, ia in parts:
-        picks = list(np.flatnonzero(~split.is_negative)[:overlay_rows // 2 or 1])
-        picks += list(np.flatnonzero(split.is_negative)[:1])
-        for i in picks:
-            pred = predict(model, split.images[i], [label_ids, alias_ids], threshold,
-                           context=eng.contexts[i], mask_shape=split.gts[i].shape)
-            rows.append(report.OverlayRow(split.images[i], split.gts[i], pred["masks"][0], pred["masks"][1],
-                                          split.image_ids[i], split_name, bool(split.is_negative[i]),
-                                          float(il[i]), float(ia[i])))
-    report.overlay_png(path, rows, label, alias_text)
+    for s, i in shown:
+        split_name, split, eng, il, ia = parts[s]
+        # the image is encoded again: the engine holds only what its scoring path reads, not the FPN maps
+        pred = predict(model, split.images[i], [label_ids, alias_ids], threshold, mask_shape=split.gts[i].shape)
+        rows.append(report.OverlayRow(split.images[i], split.gts[i], pred["masks"][0], pred["masks"][1],
+                                      split.image_ids[i], split_name, bool(split.is_negative[i]),
+                                      float(il[i]), float(ia[i])))
+    reason = f"the overlay shows at most {overlay_rows} images"
+    left_out = [{"image_id": parts[s][1].image_ids[i], "split": parts[s][0],
+                 "negative": bool(parts[s][1].is_negative[i]), "reason": reason} for s, i in left]
+    report.overlay_png(path, rows, label, alias_text, [x["image_id"] for x in left_out])
+    return left_out
 
 
 def search_category(model, cd, slug: str, settings: RunSettings, run: RunDir, resume: bool,
                     chunk_size: int | None, checkpoint_every: float, progress, kill: KillSwitch,
-                    overlay_rows: int, position: str = "") -> dict:
-    """Label baseline, search, held-out evaluation and overlay of one category; writes <slug>.json."""
+                    overlay_rows: int, position: str = "", grad_batch: int = 1) -> dict:
+    """Label baseline, search, held-out evaluation and overlay of one category; writes <slug>.json.
+    chunk_size / grad_batch: the search engine's starting exact-scoring chunk and gradient image batch."""
     from ..search import objective
     from ..tokenizer import detokenize, encode, round_trips
 
@@ -198,7 +212,7 @@ def search_category(model, cd, slug: str, settings: RunSettings, run: RunDir, re
         f"{held.n_positive if held else 0}+{len(held) - held.n_positive if held else 0} held-out; "
         f"label {cd.label!r} = {label_ids}")
 
-    engine = make_engine(model, search, settings, chunk_size)
+    engine = make_engine(model, search, settings, chunk_size, grad_batch=grad_batch)
     label_search = score_one(engine, label_ids, log, f"scoring the label of {cd.name}")
     config = settings.search_config(label_ids)
     if config.init == "label" and not np.any(label_search[~search.is_negative] > 0):
@@ -223,7 +237,7 @@ def search_category(model, cd, slug: str, settings: RunSettings, run: RunDir, re
         alias_ids, alias_text, alias_search = list(label_ids), detokenize(label_ids), label_search
         log(f"{cd.name}: no alias beat the label (best found {best.text!r}: objective {found_objective:.3f} vs "
             f"label {label_objective:.3f} on the search images); the label is kept as the result")
-    engine_chunk = engine.chunk_size
+    engine_chunk, engine_grad_batch = engine.chunk_size, engine.grad_batch  # as shrunk by out-of-memory retries
     parts = [("search", search, engine, label_search, alias_search)]
 
     # held-out evaluation (no prefix cache: two single prompts, nothing to share)
@@ -236,8 +250,8 @@ def search_category(model, cd, slug: str, settings: RunSettings, run: RunDir, re
         parts.append(("heldout", held, held_engine, label_held, alias_held))
         del held_engine
     overlay = f"overlays/{slug}.png"
-    _overlay(model, run.path / overlay, parts, label_ids, alias_ids, settings.threshold, overlay_rows, cd.label,
-             alias_text)
+    overlay_left_out = _overlay(model, run.path / overlay, parts, label_ids, alias_ids, settings.threshold,
+                                overlay_rows, cd.label, alias_text)
     del engine, parts
     gc.collect()
 
@@ -257,8 +271,11 @@ def search_category(model, cd, slug: str, settings: RunSettings, run: RunDir, re
                             "alias_heldout": h.get("alias_negatives_empty")},
         "objective": {"label": label_objective, "alias": max(found_objective, label_objective)},
         "evals": result.evals_used, "budget": settings.budget, "seconds": result.wall_time_s,
+        # candidate-image evaluations answered from the search memory instead of paid (SearchConfig.cache_size)
+        "evals_saved": result.evals_saved,
         "category_seconds": time.perf_counter() - t0, "method": settings.method, "method_config": result.config,
         "stop_reason": result.stop_reason, "iterations": result.iterations, "chunk_size": engine_chunk,
+        "grad_batch": engine_grad_batch,
         "n_search": search.n_positive, "n_heldout": held.n_positive if held else 0,
         "images": {
             "search": list(search_cd.image_ids), "search_negatives": list(search_cd.negative_ids),
@@ -269,10 +286,12 @@ def search_category(model, cd, slug: str, settings: RunSettings, run: RunDir, re
                       "heldout": _per_image(held, label_held, alias_held) if held is not None else []},
         "candidates": [dataclasses.asdict(c) for c in result.best],
         "history": [list(x) for x in result.history],
-        "overlay": overlay,
+        "overlay": overlay, "overlay_left_out": overlay_left_out,
     })
     write_json_atomic(run.result_path(slug), res)
-    log(f"{cd.name}: done in {res['category_seconds']:.1f}s; label IoU {fmt(res['label_iou_search'])} -> alias "
+    log(f"{cd.name}: category done in {res['category_seconds']:.1f}s (search {res['seconds']:.1f}s, the rest: "
+        f"loading images, label and held-out scoring, overlays); label IoU {fmt(res['label_iou_search'])} -> alias "
         f"{res['alias_text']!r} {fmt(res['alias_iou_search'])} (search), held-out label "
-        f"{fmt(res['label_iou_heldout'])} alias {fmt(res['alias_iou_heldout'])}; {res['evals']} evaluations")
+        f"{fmt(res['label_iou_heldout'])} alias {fmt(res['alias_iou_heldout'])}; {res['evals']} evaluations "
+        f"(+{res['evals_saved']} answered from the search memory)")
     return res

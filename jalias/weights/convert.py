@@ -36,6 +36,7 @@ import ml_dtypes
 import numpy as np
 
 from ..model.config import Sam3Config, meta_config
+from ..model.layers import default_dtype
 from ..model.sam3 import Sam3
 from . import orbax_io
 from .load import as_config
@@ -436,13 +437,13 @@ def load(path: str | os.PathLike, dtype: str | None = None, config: Any = None, 
     """A loaded jalias `Sam3` (same type as `from_torch`) from a path or a bare name under weights/ ("tiny").
 
     Accepts a converted Orbax checkpoint (fast path) or any source layout (HF dir, .safetensors, .bin, Meta .pt),
-    converted in memory. dtype is the compute dtype: None -> float32 whatever the stored dtype (bfloat16 storage
-    is upcast); "bfloat16" computes in bf16. config overrides the checkpoint's config. Every param path/shape is
+    converted in memory. dtype is the compute dtype: None -> `default_dtype()` (float32 on every backend today)
+    whatever the stored dtype (bfloat16 storage is upcast); "bfloat16" computes in bf16. config overrides the checkpoint's config. Every param path/shape is
     checked against the config (WeightError names the tensor; an abstract init, seconds for full-size SAM3);
     verify=True (Orbax only) also re-hashes the params against jalias.json. prompt_mode: "meta" | "hf" | None
     (Meta's behaviour when the checkpoint has the geometry encoder, which HF and Meta checkpoints do; see Sam3).
     """
-    compute = _np_dtype("float32" if dtype is None else dtype)
+    compute = _np_dtype(default_dtype() if dtype is None else dtype)
     src = resolve(path)
     if detect_layout(src) == "orbax":
         params, cfg_dict, _ = orbax_io.load(src, verify=verify)
