@@ -485,3 +485,24 @@ def test_exact_iou_kept_queries_only(kept_counts):
     assert len(set(few[np.asarray(kept_counts) > 0].round(6))) >= 3  # candidates really differ
     with pytest.raises(ValueError, match="max_kept"):
         exact_iou(out, jnp.asarray(gt), rows, cols, max_kept=0)
+
+
+# ---- the prediction rule's numpy twin ------------------------------------------------------------------------------
+@pytest.mark.parametrize("threshold", [0.5, 0.2, 0.8])
+def test_numpy_keep_rule_equals_the_jax_rule(threshold):
+    """`scoring.np_query_keep` (numpy callers: planted calibration) keeps exactly the queries `query_keep` keeps,
+    on float32 logits spread around every threshold."""
+    from jalias.engine.scoring import np_query_keep, query_keep, query_scores
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0.0, 3.0, size=(16, 64)).astype(np.float32)
+    presence = rng.normal(2.0, 2.0, size=(16, 1)).astype(np.float32)
+    want = np.asarray(query_keep(jnp.asarray(logits), jnp.asarray(presence), threshold))
+    got = np_query_keep(logits, presence, threshold)
+    assert got.dtype == bool and got.shape == (16, 64)
+    assert 0.1 < want.mean() < 0.9  # both outcomes occur
+    # a float32 rounding difference could only flip a score within ~1e-6 of the threshold; none is that close here
+    scores = np.asarray(query_scores(jnp.asarray(logits), jnp.asarray(presence)))
+    assert np.abs(scores - threshold).min() > 1e-6
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got, scores > threshold)

@@ -34,7 +34,7 @@ class AdaptConfig:
     kind: "embed" (replacement embeddings for the label's tokens, used only when the prompt is exactly the label)
     or "lora" (low-rank updates W + scale * A @ B of the `targets` Dense kernels; base weights frozen).
     teacher: "alias" (distil the alias's outputs on the search images) or "gt" (the ground-truth masks).
-    Loss (see `loss.adapter_loss`): w_query * query-logit BCE + w_presence * presence BCE + w_union * (BCE + dice
+    Loss (see `loss.image_loss`): w_query * query-logit BCE + w_presence * presence BCE + w_union * (BCE + dice
     of the soft union mask); the gt teacher has no per-query target, so its w_query is 0. w_preserve > 0 adds
     a term that keeps other prompts' text features in place (for lora: collateral damage on other words).
     """
@@ -54,7 +54,9 @@ class AdaptConfig:
     w_union: float = 1.0
     w_preserve: float = 0.0  # > 0: also keep `preserve_prompts` random word prompts' features (trainer.make_step)
     preserve_prompts: int = 64
-    threshold: float = 0.5  # the prediction rule's keep threshold (teacher masks, evaluation)
+    # the prediction rule's keep threshold (alias teacher's masks, label IoU before / after); `jalias adapt` sets
+    # it to the run's --threshold (run.json), so the adapter learns the alias's masks as the search scored them
+    threshold: float = 0.5
     remat: bool = True  # gradient checkpointing of each image's detect pass
     seed: int = 0  # LoRA init
     checkpoint_every_s: float = 30.0
@@ -68,6 +70,8 @@ class AdaptConfig:
             raise AdaptError(f"steps must be >= 0, got {self.steps}")
         if not self.lr_for() > 0:
             raise AdaptError(f"learning rate must be > 0, got {self.lr_for()}")
+        if not 0.0 <= self.threshold < 1.0:
+            raise AdaptError(f"threshold must be in [0, 1), got {self.threshold}")
         if self.w_preserve < 0 or self.preserve_prompts < 1:
             raise AdaptError(f"need w_preserve >= 0 and preserve_prompts >= 1, got {self.w_preserve}, "
                              f"{self.preserve_prompts}")

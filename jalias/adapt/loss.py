@@ -8,8 +8,9 @@ Targets (K training images, Q queries, m = mask resolution = 4 x ViT grid):
     weights   float32[3]        (w_query, w_presence, w_union)
 
 alias teacher (`alias_targets`): what the model does with the alias on each image: query = sigmoid(alias query
-    logits), presence = sigmoid(alias presence logit), union = the alias's predicted mask at mask resolution (kept
-    queries' max mask logit > 0; the export's `union_logits > 0`). weights = (w_query, w_presence, w_union).
+    logits), presence = sigmoid(alias presence logit), union = the alias's predicted mask at mask resolution (the
+    max mask logit of the queries the prediction rule keeps at AdaptConfig.threshold, > 0; the export's
+    `union_logits > 0`). weights = (w_query, w_presence, w_union).
 gt teacher (`gt_targets`): union = the ground truth area-resized to m x m, presence = 1 on positive images and
     0 on negatives; there is no per-query target, so query = 0 with weight 0.
 
@@ -67,9 +68,12 @@ def image_contexts(model: Sam3, images: Sequence[np.ndarray]) -> dict:
     return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, 0), *ctxs)
 
 
-def teacher_outputs(model: Sam3, ids: Sequence[int], ctx: dict) -> dict:
+def teacher_outputs(model: Sam3, ids: Sequence[int], ctx: dict, threshold: float = scoring.KEEP_THRESHOLD) -> dict:
     """The model's outputs for content ids on stacked contexts [K, ...]: pred_logits float32[K, Q],
-    presence_logits [K, 1], union_logits [K, m, m] (export's key: max over kept queries, UNION_FLOOR if none)."""
+    presence_logits [K, 1], union_logits [K, m, m] (export's key: max over the queries the prediction rule keeps
+    at `threshold`, the run's --threshold; UNION_FLOOR if none). The mask head is the engine's `detect_fast`, what
+    training reads; the export's `predict` runs `detect`: the same values up to float rounding
+    (tests/test_adapt.py measures it)."""
     from ..engine.predict import union_logits
 
     input_ids, mask = layout([ids], model.config.context_length)
@@ -81,7 +85,7 @@ def teacher_outputs(model: Sam3, ids: Sequence[int], ctx: dict) -> dict:
     presence = np.concatenate([np.asarray(o["presence_logits"], np.float32) for o in outs])
     masks = np.concatenate([np.asarray(o["pred_masks"], np.float32) for o in outs])
     return {"pred_logits": logits, "presence_logits": presence,
-            "union_logits": union_logits(masks, np.asarray(scoring.query_keep(logits, presence)))}
+            "union_logits": union_logits(masks, np.asarray(scoring.query_keep(logits, presence, threshold)))}
 
 
 def alias_targets(ctx: dict, outputs: dict, cfg: AdaptConfig) -> Targets:

@@ -8,7 +8,8 @@
     STATE_DIR/state.json       what the state belongs to (fingerprint, label, teacher, config), step, losses
     STATE_DIR/arrays/          Orbax: {"params", "opt": flattened optimiser-state leaves}
 
-Writes go to a temporary sibling and are renamed into place, so a kill leaves the old or the new copy.
+Writes go to a temporary sibling and are renamed into place, so a kill leaves the old or the new copy; the JSON
+files in it are written (and fsynced) by `jalias.atomic.write_json_atomic`.
 `load_adapters(path)` takes an adapter directory or a folder of them (all composed, e.g. `jalias adapt`'s --out).
 """
 
@@ -24,6 +25,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from ..atomic import write_json_atomic
 from .adapters import Adapter
 from .config import AdaptError
 
@@ -80,7 +82,7 @@ def save_adapter(path: str | os.PathLike, adapter: Adapter, config: dict | None 
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     _save_tree((tmp / "params").absolute(), _encode(adapter.params, adapter.kind))
-    (tmp / CARD).write_text(json.dumps(card_of(adapter, config), indent=1) + "\n")
+    write_json_atomic(tmp / CARD, card_of(adapter, config), indent=1)
     _replace_dir(tmp, path)
     return path
 
@@ -145,7 +147,7 @@ def save_state(path: Path, params: dict, opt_state: Any, meta: dict, kind: str) 
     leaves = jax.tree_util.tree_leaves(opt_state)
     _save_tree((tmp / "arrays").absolute(), {"params": _encode(params, kind),
                                              "opt": {f"{i:05d}": np.asarray(x) for i, x in enumerate(leaves)}})
-    (tmp / "state.json").write_text(json.dumps(meta))
+    write_json_atomic(tmp / "state.json", meta, indent=None)
     _replace_dir(tmp, path)
 
 

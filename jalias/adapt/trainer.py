@@ -36,9 +36,12 @@ _STEPS: dict = {}  # (config, dtype, mode, kind, label ids, scale, remat, optimi
 
 
 def optimizer(cfg: AdaptConfig) -> optax.GradientTransformation:
-    """Adam with linear warmup then cosine decay to 10% of the rate, after global-norm clipping."""
+    """Adam with linear warmup then cosine decay to 10% of the rate, after global-norm clipping. The warmup
+    starts at lr / warmup (not 0, which would make the first step no update at all) and reaches lr at step
+    `warmup`."""
     lr = cfg.lr_for()
-    sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(cfg.warmup, 1), max(cfg.steps, cfg.warmup + 1), lr * 0.1)
+    w = max(cfg.warmup, 1)
+    sched = optax.warmup_cosine_decay_schedule(lr / w, lr, w, max(cfg.steps, cfg.warmup + 1), lr * 0.1)
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.adam(sched))
 
 

@@ -159,12 +159,12 @@ def _forward_fn(cfg: Sam3Config, size: int):
                 capture_intermediates=lambda mod, _: mod.name in _CAPTURE, mutable=["intermediates"])
             inter = state["intermediates"]
             score = scoring.query_scores(out["pred_logits"], out["presence_logits"])  # [n, Q]
-            keep = score > 0.5
+            keep = scoring.query_keep(out["pred_logits"], out["presence_logits"])
             best = scoring.union_decision(out["pred_masks"], keep, rows, rows)  # [n, size, size]
             return {
                 "pred": best > 0, "keep": keep,
                 # smallest distance of any decision to its threshold: pixels (of the union) and queries
-                "margin": jnp.minimum(jnp.min(jnp.abs(best), axis=(1, 2)), jnp.min(jnp.abs(score - 0.5), axis=1)),
+                "margin": jnp.minimum(jnp.min(jnp.abs(best), axis=(1, 2)), jnp.min(jnp.abs(score - scoring.KEEP_THRESHOLD), axis=1)),
                 "logits": out["pred_logits"], "presence": out["presence_logits"][:, 0],
                 "mask_std": jnp.std(out["pred_masks"], axis=(1, 2, 3)),
                 "pixel_mean": inter["mask_decoder"]["pixel_decoder"]["__call__"][0].mean((1, 2)),
@@ -314,9 +314,8 @@ def calibrate(cfg: Sam3Config, params: dict, ctx: dict, prompts: np.ndarray, siz
     logits, presence = o["logits"], o["presence"] + shift
 
     def mean_keep(c: float) -> float:
-        # the keep rule in float64 on stored logits: only the offset to add to them is sought here
-        s = _sigmoid(logits + c) * _sigmoid(presence)[..., None]
-        return float((s > 0.5).sum(-1).mean())
+        # the keep rule (its numpy twin) on stored logits: only the offset to add to them is sought here
+        return float(scoring.np_query_keep(logits + c, presence[..., None]).sum(-1).mean())
 
     lo, hi = -20.0, 20.0
     for _ in range(50):
@@ -394,10 +393,6 @@ def _bisect(f, target: float, lo: float, hi: float, steps: int = 60) -> float:
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
     return 0.5 * (lo + hi)
-
-
-def _sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
 
 
 def mean_iou(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:

@@ -15,7 +15,9 @@ from . import scoring
 UNION_FLOOR = -20.0  # union_logits where no query is kept: sigmoid(-20) ~ 2e-9, "certainly background"
 
 _masks = jax.jit(scoring.predicted_mask)
-_scores = jax.jit(scoring.query_scores)
+# (query scores, kept queries) by the prediction rule, in one program: keep is exactly scores > threshold
+_scores_keep = jax.jit(lambda logits, presence, threshold: (scoring.query_scores(logits, presence),
+                                                            scoring.query_keep(logits, presence, threshold)))
 
 
 def layout(prompts: Sequence[Sequence[int]], context: int) -> tuple[np.ndarray, np.ndarray]:
@@ -31,7 +33,7 @@ def union_logits(pred_masks: np.ndarray, keep: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(union), union, UNION_FLOOR).astype(np.float32)
 
 
-def predict(model, image: np.ndarray, prompts: Sequence[Sequence[int]], threshold: float = 0.5,
+def predict(model, image: np.ndarray, prompts: Sequence[Sequence[int]], threshold: float = scoring.KEEP_THRESHOLD,
             context: dict | None = None, mask_shape: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
     """SAM3 outputs of N prompts on one image.
 
@@ -49,8 +51,7 @@ def predict(model, image: np.ndarray, prompts: Sequence[Sequence[int]], threshol
         raise ValueError("predict needs a full encode_image context (an Engine's cached context has no FPN maps)")
     prompt = model.encode_text(input_ids, mask)
     out = model.detect(context, prompt, model.prompt_mask(input_ids, mask))  # "meta": id 0 masked
-    scores = _scores(out["pred_logits"], out["presence_logits"])
-    keep = scores > threshold
+    scores, keep = _scores_keep(out["pred_logits"], out["presence_logits"], threshold)
     m = out["pred_masks"].shape[-1]
     h, w = mask_shape if mask_shape is not None else image.shape[:2]
     masks = _masks(out["pred_masks"], keep, jnp.asarray(scoring.bilinear_matrix(h, m)),

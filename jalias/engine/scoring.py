@@ -1,8 +1,8 @@
 """Pure jax scoring functions: prompt layout, the exact mask prediction + IoU, and the soft (differentiable) IoU.
 
 Prediction rule (exact path; this file is its one definition, see `query_scores` / `query_keep` /
-`union_decision` / `predicted_mask`): a query is kept when sigmoid(pred_logit) * sigmoid(presence_logit) >
-threshold (0.5); its mask logits are resized bilinearly (half-pixel centres, no antialiasing: torch
+`union_decision` / `predicted_mask`; `np_query_keep` is its numpy twin): a query is kept when
+sigmoid(pred_logit) * sigmoid(presence_logit) > threshold (KEEP_THRESHOLD, 0.5); its mask logits are resized bilinearly (half-pixel centres, no antialiasing: torch
 `F.interpolate(mode="bilinear", align_corners=False)`) to the GT's resolution and thresholded at 0; the predicted
 mask is the union over kept queries. IoU follows `jalias.data.masks.iou` (empty vs empty = 1).
 """
@@ -58,9 +58,25 @@ def query_scores(pred_logits: jax.Array, presence_logits: jax.Array) -> jax.Arra
     return jax.nn.sigmoid(pred_logits.astype(jnp.float32)) * jax.nn.sigmoid(presence_logits.astype(jnp.float32))
 
 
-def query_keep(pred_logits: jax.Array, presence_logits: jax.Array, threshold: float = 0.5) -> jax.Array:
+KEEP_THRESHOLD = 0.5  # the default query-score threshold of the prediction rule (`--threshold`)
+
+
+def query_keep(pred_logits: jax.Array, presence_logits: jax.Array, threshold: float = KEEP_THRESHOLD) -> jax.Array:
     """[..., Q], [..., 1] -> bool [..., Q]: queries whose score (query prob x presence prob) passes threshold."""
     return query_scores(pred_logits, presence_logits) > threshold
+
+
+def np_sigmoid(x: np.ndarray) -> np.ndarray:
+    """Numpy logistic function, in the input's float precision."""
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def np_query_keep(pred_logits: np.ndarray, presence_logits: np.ndarray,
+                  threshold: float = KEEP_THRESHOLD) -> np.ndarray:
+    """Numpy twin of `query_keep` for code that must stay in numpy (planted calibration): [..., Q], [..., 1] ->
+    bool [..., Q], computed in the inputs' precision (float32 inputs give `query_keep`'s answer, tests/test_engine.py)."""
+    pred_logits, presence_logits = np.asarray(pred_logits), np.asarray(presence_logits)
+    return np_sigmoid(pred_logits) * np_sigmoid(presence_logits) > threshold
 
 
 def union_decision(masks: jax.Array, keep: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array:

@@ -1,8 +1,11 @@
 """`jalias adapt RUN_DIR`: one adapter per finished category of a search run (the Python `jalias.adapt(...)`).
 
 For each category (with an alias, for the alias teacher) the images the run recorded are rebuilt; the adapter is
-trained on the search images (teacher targets from RUN_DIR/export/<slug>.npz when an export of the same alias and
-prompt mode exists, else computed the same way in memory) and then measured with the engine's exact IoU:
+trained on the search images (teacher targets from RUN_DIR/export/<slug>.npz when an export of the same alias,
+prompt mode and threshold exists, else computed in memory by `teacher_outputs`: the same values up to float
+rounding, as tests/test_adapt.py checks) and then measured with the engine's exact IoU. The prediction rule's
+threshold, for the teacher's masks and every IoU, is the run's `--threshold` (AdaptConfig.threshold is set
+from run.json):
 
     OUT/<slug>/            the adapter (jalias.adapt.store layout); its card's metrics hold label_before /
                            label_after on search and held-out images, alias_heldout, and the losses
@@ -36,29 +39,33 @@ from .rundir import RunDir
 from .splits import rebuild_inputs
 
 
-def _engine(model, images, gts, neg):
+def _engine(model, images, gts, neg, threshold: float):
     from ..engine import Engine
 
-    return Engine(model, images, gts, negative=neg, prefix_cache=False)
+    return Engine(model, images, gts, negative=neg, prefix_cache=False, threshold=threshold)
 
 
-def label_iou(model, images, gts, neg, ids) -> float | None:
-    """Mean exact IoU of content ids over the positive images (None without positives)."""
+def label_iou(model, images, gts, neg, ids, threshold: float = 0.5) -> float | None:
+    """Mean exact IoU of content ids over the positive images (None without positives), queries kept at
+    `threshold`."""
     if not len(images) or all(neg):
         return None
-    iou = _engine(model, images, gts, neg).score(np.asarray(ids, np.int32)[None])[0]
+    iou = _engine(model, images, gts, neg, threshold).score(np.asarray(ids, np.int32)[None])[0]
     return mean(iou[~np.asarray(neg, bool)])
 
 
-def _export_outputs(run: RunDir, res: dict, prompt_mode: str, search: np.ndarray) -> dict | None:
-    """The alias's teacher outputs on the search images from RUN_DIR/export, if it matches the run's alias."""
+def _export_outputs(run: RunDir, res: dict, prompt_mode: str, search: np.ndarray,
+                    threshold: float) -> dict | None:
+    """The alias's teacher outputs on the search images from RUN_DIR/export, if it matches the run's alias,
+    prompt mode and threshold."""
     index = run.path / "export" / "index.json"
     if not index.exists():
         return None
     try:
         doc = json.loads(index.read_text())
         entry = next(e for e in doc["categories"] if e["category"] == res["category"])
-        if doc.get("prompt_mode") != prompt_mode or list(entry["alias_ids"]) != list(res["alias_ids"]):
+        if (doc.get("prompt_mode") != prompt_mode or doc.get("threshold") != threshold
+                or list(entry["alias_ids"]) != list(res["alias_ids"])):
             return None
         with np.load(run.path / "export" / entry["file"]) as z:
             if len(z["split"]) != len(search):
@@ -90,7 +97,7 @@ def adapt_run(run_dir: str | os.PathLike, kind: str = "embed", teacher: str = "a
     finished = run.finished_results()
     if not finished:
         raise AdaptError(f"{run_dir} has no finished category to adapt (run `jalias search` first)")
-    cfg = replace(config or AdaptConfig(), kind=kind, teacher=teacher)
+    cfg = replace(config or AdaptConfig(), kind=kind, teacher=teacher, threshold=float(settings.threshold))
     if steps is not None:
         cfg = replace(cfg, steps=int(steps))
     if lr is not None:
@@ -119,9 +126,9 @@ def adapt_run(run_dir: str | os.PathLike, kind: str = "embed", teacher: str = "a
         pick = lambda key, sel: [x for x, keep in zip(inputs[key], sel) if keep]  # noqa: E731
         ctx = image_contexts(model, pick("images", s))
         if cfg.teacher == "alias":
-            outputs = _export_outputs(run, res, model.prompt_mode, s)
+            outputs = _export_outputs(run, res, model.prompt_mode, s, cfg.threshold)
             if outputs is None:
-                outputs = teacher_outputs(model, res["alias_ids"], ctx)
+                outputs = teacher_outputs(model, res["alias_ids"], ctx, cfg.threshold)
             targets = alias_targets(ctx, outputs, cfg)
         else:
             targets = gt_targets(ctx, pick("gts", s), neg[s], model.config.decoder.num_queries, m, cfg)
@@ -133,8 +140,8 @@ def adapt_run(run_dir: str | os.PathLike, kind: str = "embed", teacher: str = "a
         metrics = {"config": cfg.to_dict(), **adapter.metrics}
         for name, sel in (("search", s), ("heldout", h)):
             args = (pick("images", sel), pick("gts", sel), neg[sel])
-            metrics[f"label_before_{name}"] = label_iou(model, *args, ids)
-            metrics[f"label_after_{name}"] = label_iou(adapted, *args, ids)
+            metrics[f"label_before_{name}"] = label_iou(model, *args, ids, cfg.threshold)
+            metrics[f"label_after_{name}"] = label_iou(adapted, *args, ids, cfg.threshold)
         metrics["alias_search"], metrics["alias_heldout"] = res["alias_iou_search"], res["alias_iou_heldout"]
         adapter.metrics = metrics
         save_adapter(dst, adapter, cfg.to_dict())

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ..atomic import write_json_atomic
 from ..model.init import random_params
 from ..model.sam3 import Sam3Module
 from .batches import build_pool, reserved_tokens, sample_batch
@@ -92,8 +93,8 @@ def save_state(path: Path, params, opt_state, step: int, train: TrainConfig, los
     try:
         ocp.PyTreeCheckpointer().save(tmp / "arrays", args=ocp.args.PyTreeSave(
             {f"{i:05d}": np.asarray(x) for i, x in enumerate(leaves)}))
-        (tmp / "state.json").write_text(json.dumps({"format": STATE_FORMAT, "step": step, "train": train.to_dict(),
-                                                    "losses": losses}))
+        write_json_atomic(tmp / "state.json", {"format": STATE_FORMAT, "step": step, "train": train.to_dict(),
+                                               "losses": losses}, indent=None)
         old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
         if path.exists():
             os.rename(path, old)

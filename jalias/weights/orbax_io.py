@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..atomic import write_json_atomic
+
 FORMAT = "jalias.params"
 FORMAT_VERSION = 1
 _FINGERPRINT_TAG = b"jalias-fingerprint-v1\0"
@@ -124,7 +126,8 @@ def _check_files(params_dir: Path, recorded: dict) -> None:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    # keys sorted at every level (json.loads keeps the order of the sorted text), written by the shared writer
+    write_json_atomic(path, json.loads(json.dumps(obj, sort_keys=True)), indent=2)
 
 
 def save(
