@@ -62,9 +62,12 @@ def mid_config() -> Sam3Config:
     )
 
 
-def get_config(name: str) -> Sam3Config:
+def get_config(name: str, px: int | None = None, width: int | None = None, queries: int | None = None) -> Sam3Config:
+    """tiny / mid / full; tiny's input size, width and query count can be changed (the size sweep's points)."""
     if name == "tiny":
-        return tiny_config()
+        return tiny_config(image_size=px or 56, width=width or 32, queries=queries or 8)
+    if px or width or queries:
+        raise ValueError("--px / --width / --queries change the tiny config only")
     if name == "mid":
         return mid_config()
     if name == "full":
@@ -216,8 +219,15 @@ def prepare_jalias(model: Sam3, images, gts, cand, chunk, label):
     t = time.perf_counter()
     engine.score(cand)  # compiles every chunk-bucket / prefix variant this candidate set needs
     first = time.perf_counter() - t
+    # what the engine holds per image (its stacked contexts + GT targets), and what the full encode_image context
+    # would add: the FPN maps the engine no longer keeps (held until 2026-12-07, in float32 on disk)
+    held = sum(x.nbytes for x in jax.tree_util.tree_leaves((engine._ctx, vars(engine._targets), engine._soft)))
+    full = jax.eval_shape(lambda x: model.encode_image(x), jnp.zeros((1, 3, model.config.image_size,
+                                                                    model.config.image_size), jnp.float32))
+    fpn = sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(full["fpn"]))
     return {"name": label, "run": lambda: engine.score(cand), "evals": cand.shape[0] * len(images),
-            "setup_s": setup, "warmup_s": first, "chunk": engine.chunk_size}
+            "setup_s": setup, "warmup_s": first, "chunk": engine.chunk_size,
+            "engine_bytes_per_image": held / len(images), "fpn_bytes_per_image": float(fpn)}
 
 
 def prepare_torch(cls, model, pixel_values, gts, ids, mask, device, **kw):
@@ -297,6 +307,9 @@ def jalias_stages(model: Sam3, pixel_values, ids, mask, chunk: int, n: int, k: i
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="tiny", choices=["tiny", "mid", "full"])
+    ap.add_argument("--px", type=int, default=None, help="tiny config: input size in pixels (default 56)")
+    ap.add_argument("--width", type=int, default=None, help="tiny config: hidden width (default 32)")
+    ap.add_argument("--queries", type=int, default=None, help="tiny config: DETR queries (default 8)")
     ap.add_argument("--candidates", type=int, default=256, help="candidate prompts N")
     ap.add_argument("--images", type=int, default=4, help="images K (GT resolution --image-size)")
     ap.add_argument("--image-size", type=int, default=None, help="synthetic image/GT side (tiny 64, else 512)")
@@ -321,7 +334,7 @@ def main(argv=None) -> dict:
     import torch
 
     skip = {s.strip() for s in a.skip.split(",") if s.strip()}
-    cfg = get_config(a.config)
+    cfg = get_config(a.config, a.px, a.width, a.queries)
     size = a.image_size or (64 if a.config == "tiny" else 512)
     images, gts = make_images(a.images, size, a.seed)
     pixel_values = np.concatenate([preprocess(im, cfg.image_size) for im in images])
@@ -401,7 +414,8 @@ def main(argv=None) -> dict:
     peak = peak_flops(jdev.device_kind) if jdev.platform == "gpu" else None
     iou = base["iou"]
     report = {
-        "config": a.config, "device": device, "candidates": len(cand), "images": len(images), "image_size": size,
+        "config": a.config, "px": cfg.image_size, "width": cfg.encoder.hidden_size,
+        "queries": cfg.decoder.num_queries, "device": device, "candidates": len(cand), "images": len(images), "image_size": size,
         "length": a.length, "kind": a.kind, "chunk": base["chunk"], "torch_threads": torch.get_num_threads(),
         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "calibration_s": calib_s,
@@ -415,6 +429,7 @@ def main(argv=None) -> dict:
         "peak_memory_gib": mem,
         "peak_memory_kind": "device peak" if jdev.platform == "gpu" else "process peak RSS so far (cumulative)",
         "stages": stages,
+        "engine_bytes_per_image": base["engine_bytes_per_image"], "fpn_bytes_per_image": base["fpn_bytes_per_image"],
         "jalias_tflops": tflops, "mfu_bf16_peak": (tflops * 1e12 / peak) if peak else None,
         "agreement": agree,
         "iou_stats": {"mean": float(iou.mean()), "frac_strictly_between": float(((iou > 0) & (iou < 1)).mean()),
@@ -459,7 +474,9 @@ def print_report(r: dict) -> None:
     st.add_row("(setup) image features per image", f"{s['image_features_s_per_image']:.3f}", "-",
                f"{s['flops_backbone_per_image'] / 1e9:,.1f}")
     con.print(st)
-    con.print(f"torch CPU threads: {r['torch_threads']}; jalias chunk: {r['chunk']}")
+    con.print(f"torch CPU threads: {r['torch_threads']}; jalias chunk: {r['chunk']}; engine holds "
+              f"{r['engine_bytes_per_image'] / 2**20:.2f} MiB per image (+{r['fpn_bytes_per_image'] / 2**20:.2f} MiB "
+              "of FPN maps it no longer keeps)")
     con.print(f"kept queries per candidate (image 0, first chunk): mean {s['mean_kept_queries']:.1f}, "
               f"max {s['max_kept_queries']}")
     con.print(f"jalias fp32 achieved {r['jalias_tflops'] * 1e3:,.1f} GFLOP/s (model FLOPs: text + detect)"

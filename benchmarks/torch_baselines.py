@@ -33,7 +33,8 @@ def torch_model(cfg, params: dict, device: str = "cpu", attn: str = "sdpa"):
 
     hf_cfg = transformers.Sam3Config(**cfg.to_hf_dict())
     hf_cfg._attn_implementation = attn
-    model = transformers.Sam3Model(hf_cfg).eval()
+    with torch.device(device):  # random init on the target device: on a GPU, seconds instead of minutes at full size
+        model = transformers.Sam3Model(hf_cfg).eval()
     res = model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in params_to_state_dict(params).items()},
                                 strict=False)
     if res.unexpected_keys:

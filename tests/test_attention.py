@@ -245,3 +245,22 @@ def test_cudnn_policy_falls_back_where_cudnn_cannot_run():
     q32, k32, v32 = qkv(1, 8, 8, 2, 16)
     np.testing.assert_array_equal(np.asarray(layers.attend(q32, k32, v32, None, cudnn)),
                                   np.asarray(plain(q32, k32, v32)))
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 6), (1, 4, 4, 8)])
+def test_upsample2_conv3x3_equals_torch_conv_of_the_upsampled_map(shape):
+    """The mask head's folded upsample+conv (one 3x3 conv with 4 x O channels at low resolution, then the phases
+    interleaved) against torch: F.interpolate(nearest, x2) then conv2d(padding 1), odd and non-square sizes."""
+    import torch
+
+    from jalias.model.heads import upsample2_conv3x3
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(np.float32)
+    k = rng.standard_normal((3, 3, shape[-1], 5)).astype(np.float32)
+    ref = torch.nn.functional.conv2d(
+        torch.nn.functional.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), scale_factor=2, mode="nearest"),
+        torch.from_numpy(k).permute(3, 2, 0, 1), padding=1).permute(0, 2, 3, 1).numpy()
+    got = np.asarray(upsample2_conv3x3(jnp.asarray(x), jnp.asarray(k)))
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
