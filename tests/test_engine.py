@@ -268,6 +268,7 @@ def test_twenty_image_sizes_compile_at_most_three_programs(setup):
     full = eng.score(setup.cand[:8])
     sub = eng.score(setup.cand[:8], images=[3, 11, 17])
     np.testing.assert_array_equal(sub, full[:, [3, 11, 17]])
+    np.testing.assert_array_equal(eng.score(setup.cand[:1], images=[5]), full[:1, [5]])  # one row, one image
     compiled = eng._jit_text._cache_size() + eng._jit_iou._cache_size()
     assert compiled <= 3, f"{compiled} compiled scoring programs for 20 image sizes"
     for j in (0, 9):  # spot check against single-image engines
@@ -427,6 +428,7 @@ def test_soft_loss_on_an_image_subset_and_in_image_batches(engine, disk_engine, 
     np.testing.assert_allclose(np.asarray(sub_grad), np.asarray(own_grad), rtol=1e-4, atol=1e-7)
     all_loss, _ = engine.soft_loss_and_grad(emb)
     assert abs(all_loss - sub_loss) > 1e-4  # the other images really are left out
+    assert engine._jit_soft._cache_size() == 1  # one gradient program for every subset (padding skipped)
     engine.grad_batch = 2
     try:
         b_loss, b_grad = engine.soft_loss_and_grad(emb, images=SUBSET[:3])

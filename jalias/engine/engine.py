@@ -39,6 +39,8 @@ from . import scoring
 CONTEXT_KEYS = ("enc0", "terms", "geo")
 # auto chunk size on CPU: larger chunks only add cache misses there (benchmarks/RESULTS.md, "chunk size")
 CPU_CHUNK = 128
+# fewest rows a chunk is padded to: scoring one label or sixteen candidates reuses one compiled program
+MIN_BUCKET = 16
 GRAD_COST = 3  # a value-and-grad call costs about 3 forward evaluations per image (what a search is charged)
 
 
@@ -232,20 +234,29 @@ class Engine:
         emb = self.model.apply("embed_tokens", ids, params=params)
         return self.model.apply("encode_text", emb, mask, params=params)
 
-    def _iou_fn(self, params, prompt, mask, ctx, gt, rows, cols, batch: int):
-        """prompt [n, T, D] x k images (ctx, gt [k, Hb, Wb], rows [k, Hb, m], cols [k, Wb, m]) -> iou [n, k]
-        (images mapped sequentially to bound memory)."""
-        def one(args):
-            c, g, r, cl = args
-            c = jax.tree_util.tree_map(lambda x: x[None], c)
-            out = self.model.apply("detect_fast", c, prompt, mask, params=params)
-            return scoring.exact_iou(out, g, r, cl, self.threshold, batch)
+    def _iou_fn(self, params, prompt, mask, selected, ctx, gt, rows, cols, batch: int):
+        """prompt [n, T, D] x the K images (ctx, gt [K, Hb, Wb], rows [K, Hb, m], cols [K, Wb, m]) -> iou [n, K].
 
-        return jax.lax.map(one, (ctx, gt, rows, cols)).T
+        Images are mapped sequentially (bounded memory); an image whose `selected` [K] flag is False is skipped
+        (`lax.cond`: not computed, its column 0), so one compiled program serves every image subset."""
+        n = prompt.shape[0]
+
+        def one(args):
+            sel, c, g, r, cl = args
+
+            def run(_):
+                out = self.model.apply("detect_fast", jax.tree_util.tree_map(lambda x: x[None], c), prompt, mask,
+                                       params=params)
+                return scoring.exact_iou(out, g, r, cl, self.threshold, batch)
+
+            return jax.lax.cond(sel, run, lambda _: jnp.zeros((n,), jnp.float32), None)
+
+        return jax.lax.map(one, (selected, ctx, gt, rows, cols)).T
 
     def _soft_loss_fn(self, embeds, params, idx, weights, negative_weight, ctx, soft, grad_batch: int = 1):
         """embeds [L, Ct] continuous content-token embeddings -> 1 - soft objective (scalar) on the images `idx`
-        int [k] (a true subset: no other image is computed), each weighted by `weights` [k] (0 for padding).
+        int [K] weighted by `weights` [K]; an entry of weight 0 (padding) is skipped by `lax.cond`, so only the
+        selected images are computed (with grad_batch > 1 the images are vmapped and a batch computes its padding).
 
         ctx: the stacked image contexts [K, ...]; soft: {"gt": [K, m, m] area-resized GT, "neg": bool [K]} — passed
         as arguments (not closed over) so images are not baked into the compiled program. Each image's detect pass
@@ -260,14 +271,17 @@ class Engine:
         prompt, _ = self.model.apply("encode_text", tok.astype(self.model.dtype), jnp.asarray(mask), params=params)
 
         @jax.checkpoint
-        def one(args):
-            i, = args
+        def score(i):
             c = jax.tree_util.tree_map(lambda x: x[i][None], ctx)
             # exact derivatives: SAM3's training-time stop-gradient at the box refinement would bias the search
             out = self.model.apply("detect_fast", c, prompt, jnp.asarray(mask), params=params, detach_boxes=False)
             return scoring.soft_scores(out, soft["gt"][i], soft["neg"][i])[0]
 
-        s = jax.lax.map(one, (idx,), batch_size=grad_batch if grad_batch > 1 else None)  # [k]
+        def one(args):
+            i, w = args  # padding (weight 0) is skipped: not computed, not differentiated
+            return jax.lax.cond(w > 0, score, lambda _: jnp.zeros((), jnp.float32), i)
+
+        s = jax.lax.map(one, (idx, weights), batch_size=grad_batch if grad_batch > 1 else None)  # [K]
         neg = soft["neg"][idx]
         wpos = weights * (~neg)
         wneg = weights * neg
@@ -333,9 +347,9 @@ class Engine:
             prefix = _bucket_prefix(int(shared[idx].min())) if ref_kv is not None else 0
             nxt = (idx, self._score_chunk(input_ids[idx], mask[idx], sel, ref_feats, ref_kv, prefix))
             if pending is not None:
-                result[pending[0]] = _fetch(pending[1])[:len(pending[0])]
+                result[pending[0]] = _fetch(pending[1])[:len(pending[0])][:, sel]
             pending = nxt
-        result[pending[0]] = _fetch(pending[1])[:len(pending[0])]
+        result[pending[0]] = _fetch(pending[1])[:len(pending[0])][:, sel]
         self.evals += n * len(sel)
         return result
 
@@ -355,24 +369,21 @@ class Engine:
         prompt = self._jit_text(self.model.params, ids_d, mask_d, ref_feats, ref_kv, prefix=prefix)
         detect_mask = jax.device_put(self.model.prompt_mask(ids, mask), cand)
         t = self._targets
-        sel = np.asarray(sel, int)
-        if sel.size == self.n_images and (sel == np.arange(self.n_images)).all():
-            ctx, gt, rows, cols = self._ctx, t.gt, t.rows, t.cols
-        else:
-            ctx = jax.tree_util.tree_map(lambda x: x[sel], self._ctx)
-            gt, rows, cols = t.gt[sel], t.rows[sel], t.cols[sel]
-        batch = max(1, min(bucket, int(2e8 // (self.config.decoder.num_queries * gt.shape[-1] * gt.shape[-2] * 4))))
-        return self._jit_iou(self.model.params, prompt, detect_mask, ctx, gt, rows, cols, batch=batch)  # on device
+        selected = np.zeros(self.n_images, bool)
+        selected[np.asarray(sel, int)] = True
+        batch = max(1, min(bucket, int(2e8 // (self.config.decoder.num_queries * t.gt.shape[-1] * t.gt.shape[-2] * 4))))
+        return self._jit_iou(self.model.params, prompt, detect_mask, jnp.asarray(selected), self._ctx, t.gt, t.rows,
+                             t.cols, batch=batch)  # [bucket, K] on device
 
     # soft / gradient interface ------------------------------------------------------------------------------------
     def _subset(self, images) -> tuple[jax.Array, jax.Array, int]:
-        """Selected images -> (indices int32 [kb], weights float32 [kb], k): kb is k rounded up to a power of two
-        (few compiled programs under successive halving); the padding repeats an image at weight 0."""
+        """Selected images -> (indices int32 [K], weights float32 [K], k): the k selected images first, then padding
+        (the first selected image again) at weight 0, which the loss skips; always K long, so one compiled gradient
+        program serves every subset successive halving asks for."""
         sel = np.arange(self.n_images) if images is None else np.asarray(images, int)
         k = len(sel)
-        kb = 1 << max(0, (k - 1).bit_length())
-        idx = np.concatenate([sel, np.repeat(sel[:1], kb - k)]).astype(np.int32)
-        w = np.concatenate([np.ones(k, np.float32), np.zeros(kb - k, np.float32)])
+        idx = np.concatenate([sel, np.repeat(sel[:1], self.n_images - k)]).astype(np.int32)
+        w = np.concatenate([np.ones(k, np.float32), np.zeros(self.n_images - k, np.float32)])
         return jnp.asarray(idx), jnp.asarray(w), k
 
     def soft_loss(self, embeds, images=None, negative_weight: float | None = None) -> jax.Array:
@@ -423,7 +434,9 @@ def _fetch(x: jax.Array) -> np.ndarray:
 
 
 def _bucket(n: int, chunk: int, devices: int) -> int:
-    b = max(devices, 1 << max(0, (n - 1).bit_length()))
+    """Rows a chunk of n candidates is padded to: a power of two, at least MIN_BUCKET (few compiled programs: one
+    prompt or sixteen run the same program), at most the chunk size, a multiple of the device count."""
+    b = max(devices, MIN_BUCKET, 1 << max(0, (n - 1).bit_length()))
     b = min(b, chunk) if n <= chunk else b
     return int(math.ceil(b / devices) * devices)
 
