@@ -119,9 +119,10 @@ class Setup:
         self.cand = make_candidates()
 
 
-def torch_reference(cfg, params, images, gts, ids: np.ndarray) -> dict:
+def torch_reference(cfg, params, images, gts, ids: np.ndarray, threshold: float = 0.5) -> dict:
     """Independent scoring with transformers' Sam3Model: full forward per candidate and image.
-    -> {"iou": [N, K], "empty": [N, K] prediction empty, "full": [N, K] prediction covers the whole GT frame}."""
+    -> {"iou": [N, K], "empty": [N, K] prediction empty, "full": [N, K] prediction covers the whole GT frame,
+    "max_score": [N, K] the highest query score}."""
     import torch
     import transformers
 
@@ -132,7 +133,8 @@ def torch_reference(cfg, params, images, gts, ids: np.ndarray) -> dict:
     assert not res.unexpected_keys
     input_ids, mask = layout_prompts(ids, cfg.context_length)
     n, k = len(ids), len(images)
-    out = {"iou": np.zeros((n, k), np.float32), "empty": np.zeros((n, k), bool), "full": np.zeros((n, k), bool)}
+    out = {"iou": np.zeros((n, k), np.float32), "empty": np.zeros((n, k), bool), "full": np.zeros((n, k), bool),
+           "max_score": np.zeros((n, k), np.float32)}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: one thread is ~20x faster than oversubscribed OpenMP on a busy CPU
     with torch.inference_mode():
@@ -140,7 +142,9 @@ def torch_reference(cfg, params, images, gts, ids: np.ndarray) -> dict:
             px = torch.from_numpy(preprocess(im, cfg.image_size)).expand(n, -1, -1, -1)
             o = hm(pixel_values=px, input_ids=torch.from_numpy(input_ids).long(),
                    attention_mask=torch.from_numpy(mask).long())
-            keep = torch.sigmoid(o.pred_logits) * torch.sigmoid(o.presence_logits) > 0.5  # [N, Q]
+            score = torch.sigmoid(o.pred_logits) * torch.sigmoid(o.presence_logits)  # [N, Q]
+            keep = score > threshold
+            out["max_score"][:, j] = score.max(1).values.numpy()
             up = torch.nn.functional.interpolate(o.pred_masks, size=gt.shape, mode="bilinear", align_corners=False)
             pred = ((up > 0) & keep[:, :, None, None]).any(1).numpy()  # [N, H, W]
             out["iou"][:, j] = iou(pred, gt[None])
@@ -220,6 +224,26 @@ def test_engine_matches_torch_reference(scores, reference):
     print(f"engine == torch on {exact:.4f} of {diff.size} pairs; max |diff| {diff.max():.3g}")
     assert exact >= 0.99, f"engine IoU equals the torch reference on only {exact:.3f} of pairs"
     assert diff.max() <= 0.02, f"max |engine - torch| IoU = {diff.max():.3g}"
+
+
+def test_mask_head_gating_matches_torch_when_few_candidates_keep_a_query(setup, reference):
+    """At a threshold that only ~1 in 10 candidate-image pairs passes, the engine runs the mask head on the rows
+    keeping a query only (mask_gate 8: at most 2 of a chunk of 16) and still equals the torch reference at that
+    threshold; the gated path really is taken (checked from torch's own scores)."""
+    thr = float(np.quantile(reference["max_score"][:16], 0.9))
+    ref = torch_reference(setup.cfg, setup.params, setup.images, setup.gts, setup.cand[:16], threshold=thr)
+    kept_rows = (ref["max_score"] > thr).sum(0)  # per image, of the 16 rows (one chunk)
+    assert (kept_rows <= 16 // 8).sum() >= 3 and (kept_rows > 0).sum() >= 3, kept_rows  # gated, not all empty
+    gated = Engine(setup.model, setup.images, setup.gts, negative=setup.negative, chunk_size=16, threshold=thr,
+                   prefix_cache=False)
+    got = gated.score(setup.cand[:16])
+    diff = np.abs(got - ref["iou"])
+    assert (diff == 0).mean() >= 0.99 and diff.max() <= 0.02, (diff == 0).mean()
+    plain = Engine(setup.model, setup.images, setup.gts, negative=setup.negative, chunk_size=16, threshold=thr,
+                   prefix_cache=False, mask_gate=0)
+    np.testing.assert_allclose(plain.score(setup.cand[:16]), got, atol=0.02)
+    with pytest.raises(ValueError, match="mask_gate"):
+        Engine(setup.model, setup.images[:1], setup.gts[:1], mask_gate=-1)
 
 
 def test_negative_and_all_true_gt(scores, reference, setup):

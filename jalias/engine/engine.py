@@ -74,6 +74,8 @@ class Engine:
     gt_bucket: GT masks are padded to the largest H and W rounded up to a multiple of this, so one compiled
     program scores every mix of resolutions (and every image set whose largest size rounds alike, e.g. COCO's).
     text_bucket: prompts run up to the longest one's END rounded up to a multiple of this (0: the whole context).
+    mask_gate: when at most n // mask_gate of a chunk's n candidates keep any query on an image, the mask head (most
+    of the per-candidate work) runs on those n // mask_gate rows only (0: always on all rows); same IoUs.
     """
 
     vocab_size: int
@@ -85,7 +87,7 @@ class Engine:
                  chunk_size: int | None = None, prefix_cache: bool = True, cache_dir: str | None = None,
                  threshold: float = 0.5, negative_weight: float = 0.5, devices: Sequence | None = None,
                  compilation_cache: bool = True, prompt_mode: str | None = None, gt_bucket: int = 64,
-                 text_bucket: int = 8):
+                 text_bucket: int = 8, mask_gate: int = 8):
         if len(images) == 0:
             raise ValueError("Engine needs at least one image")
         if len(images) != len(gt_masks):
@@ -113,6 +115,9 @@ class Engine:
         if text_bucket < 0:
             raise ValueError(f"text_bucket must be >= 0 tokens (0: the whole context), got {text_bucket}")
         self.text_bucket = int(text_bucket)
+        if mask_gate < 0:
+            raise ValueError(f"mask_gate must be >= 0 (0: off), got {mask_gate}")
+        self.mask_gate = int(mask_gate)
         self._jit_encode = jax.jit(self._encode_fn)
         # the image contexts, stacked [K, ...] once and held once (exact scoring and the soft loss read the same copy)
         rep = NamedSharding(self.mesh, P())
@@ -238,16 +243,36 @@ class Engine:
         """prompt [n, T, D] x the K images (ctx, gt [K, Hb, Wb], rows [K, Hb, m], cols [K, Wb, m]) -> iou [n, K].
 
         Images are mapped sequentially (bounded memory); an image whose `selected` [K] flag is False is skipped
-        (`lax.cond`: not computed, its column 0), so one compiled program serves every image subset."""
+        (`lax.cond`: not computed, its column 0), so one compiled program serves every image subset. Per image the
+        mask head (most of the work) runs only where it can matter: when at most n // mask_gate of the n candidates
+        keep any query, only those rows get masks (the rest predict nothing, whose IoU needs no mask)."""
         n = prompt.shape[0]
+        sub = n // self.mask_gate if self.mask_gate else 0
 
         def one(args):
             sel, c, g, r, cl = args
+            c = jax.tree_util.tree_map(lambda x: x[None], c)
+            apply = lambda method, *a: self.model.apply(method, *a, params=params)  # noqa: E731
 
             def run(_):
-                out = self.model.apply("detect_fast", jax.tree_util.tree_map(lambda x: x[None], c), prompt, mask,
-                                       params=params)
-                return scoring.exact_iou(out, g, r, cl, self.threshold, batch)
+                out, parts = apply("detect_scores", c, prompt, mask)
+                keep_any = scoring.query_keep(out["pred_logits"], out["presence_logits"], self.threshold).any(-1)
+
+                def masks_of(rows_idx):  # the exact IoU of the given rows, with their masks computed
+                    take = lambda x: x[rows_idx]  # noqa: E731
+                    o = jax.tree_util.tree_map(take, out)
+                    o["pred_masks"] = apply("mask_logits_fast", c, jax.tree_util.tree_map(take, parts))
+                    return scoring.exact_iou(o, g, r, cl, self.threshold, batch)
+
+                if sub < 1:
+                    return masks_of(jnp.arange(n))
+
+                def gated(_):  # the rows keeping a query first; the others' IoU is an empty prediction's
+                    order = jnp.argsort(~keep_any, stable=True)[:sub]
+                    empty = jnp.where(jnp.any(g), 0.0, 1.0).astype(jnp.float32)
+                    return jnp.full((n,), empty, jnp.float32).at[order].set(masks_of(order))
+
+                return jax.lax.cond(jnp.sum(keep_any) <= sub, gated, lambda _: masks_of(jnp.arange(n)), None)
 
             return jax.lax.cond(sel, run, lambda _: jnp.zeros((n,), jnp.float32), None)
 

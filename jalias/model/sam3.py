@@ -136,6 +136,18 @@ class Sam3Module(nn.Module):
         fast=True uses the engine's reordered mask decoder (same values up to float rounding). detach_boxes=False
         lets gradients flow through the decoder's box refinement (SAM3 detaches it; search wants exact gradients).
         """
+        out, parts = self.detect_scores(image, prompt, prompt_mask, detach_boxes)
+        if fast:
+            out["pred_masks"] = self.mask_logits_fast(image, parts)
+        else:
+            out["pred_masks"], out["semantic_seg"] = self.mask_decoder(parts["hidden"], image["fpn"], parts["enc"],
+                                                                       parts["prompt"], parts["bias"])
+        return out
+
+    def detect_scores(self, image, prompt, prompt_mask, detach_boxes: bool = True):
+        """Everything of `detect` but the mask head -> (out: pred_logits, pred_boxes, presence_logits; parts: what
+        the mask head reads: hidden [B, Q, D], enc [B, g*g, D], prompt [B, T(+1), D], bias). The engine decides
+        from the scores which rows need masks at all (`mask_logits_fast` on those only)."""
         b = prompt.shape[0]
         g = self.cfg.vision.backbone.grid
         if self.prompt_mode == "meta":
@@ -153,11 +165,14 @@ class Sam3Module(nn.Module):
             "pred_boxes": self.detr_decoder.boxes(dec["hidden"], dec["ref_boxes"]),
             "presence_logits": dec["presence_logits"],
         }
-        if fast:
-            out["pred_masks"] = self.mask_decoder.fast(dec["hidden"], image["terms"], enc, prompt, bias, (g, g))
-        else:
-            out["pred_masks"], out["semantic_seg"] = self.mask_decoder(dec["hidden"], image["fpn"], enc, prompt, bias)
-        return out
+        return out, {"hidden": dec["hidden"], "enc": enc, "prompt": prompt, "bias": bias}
+
+    def mask_logits_fast(self, image, parts):
+        """pred_masks [B, Q, 4g, 4g] from `detect_scores`' parts (B rows, any subset of its rows) and the image
+        context's skip terms: the engine's reordered mask decoder."""
+        g = self.cfg.vision.backbone.grid
+        return self.mask_decoder.fast(parts["hidden"], image["terms"], parts["enc"], parts["prompt"], parts["bias"],
+                                      (g, g))
 
     def detect_fast(self, image, prompt, prompt_mask, detach_boxes: bool = True):
         return self.detect(image, prompt, prompt_mask, fast=True, detach_boxes=detach_boxes)
