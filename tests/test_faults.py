@@ -26,10 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 import jalias.atomic as atomic
-from jalias.cli import app
 from jalias.data import make_dataset, write_coco
 from jalias.engine import Engine
 from jalias.model.sam3 import Sam3
@@ -37,6 +35,7 @@ from jalias.run.api import search_dataset
 from jalias.run.export import export_run
 from jalias.run.io import RunError
 from jalias.tokenizer import encode
+from test_cli import error_line, invoke, ok  # the CLI helpers, one definition
 
 CONCEPTS = ["striped_blob", "dotted_ring"]
 OOM = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB."
@@ -46,22 +45,6 @@ SAME = ("alias_ids", "alias_text", "evals", "iterations", "history", "candidates
 # local search (no gradient program), as tests/test_cli.py runs it: several checkpoints within the budget
 LOCAL_ARGS = ["--method", "local", "--budget", "120", "--length", "3", "--max-images", "4", "--heldout", "0.25",
               "--negatives", "2", "--set", "n_candidates=16", "--no-progress", "--checkpoint-every", "0"]
-
-
-def invoke(*args, env=None):
-    return CliRunner().invoke(app, [str(a) for a in args], env=env)
-
-
-def ok(result):
-    assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
-    return result
-
-
-def error_line(result) -> str:
-    assert result.exit_code == 1, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 def results(out: Path, names=CONCEPTS) -> dict:

@@ -2,10 +2,12 @@
 
 What it does per `score(ids[N, L])`:
   1. lays candidates out as SAM3 prompts (START ids END PAD..), pads N up to a bucket size (no recompiles);
-  2. text-prefix KV cache: candidates are sorted by how long a prefix they share with a reference sequence;
-     the reference's CLIP keys/values are computed once and every chunk only runs its differing suffix;
+  2. text-prefix cache: candidates are sorted by how long a prefix they share with a reference sequence; the
+     reference's CLIP token states and keys/values are computed once and every chunk only runs its differing
+     suffix, over the shortest text bucket holding the longest prompt;
   3. per image (features cached on device; optionally on disk), the prompt-dependent part of SAM3 (fusion
-     encoder, decoder, heads) and the exact mask IoU run in one jitted call over the chunk. In "meta" prompt mode
+     encoder, decoder, heads) and the exact mask IoU run in one jitted call over the chunk, which skips unselected
+     images and runs the mask head only on the rows keeping a query when few do (`mask_gate`). In "meta" prompt mode
      the image cache also holds the geometry encoder's CLS token (one per image), which `detect` appends to
      every candidate's prompt (one more prompt token), and token id 0 is masked out of the detect-side prompt
      as in Meta's SAM3 (CLIP still reads it). The soft surrogate (`soft_loss*`) has no ids: all its content
