@@ -227,9 +227,10 @@ def test_engine_matches_torch_reference(scores, reference):
 
 
 def test_mask_head_gating_matches_torch_when_few_candidates_keep_a_query(setup, reference):
-    """At a threshold that only ~1 in 10 candidate-image pairs passes, the engine runs the mask head on the rows
-    keeping a query only (mask_gate 8: at most 2 of a chunk of 16) and still equals the torch reference at that
-    threshold; the gated path really is taken (checked from torch's own scores)."""
+    """At a threshold that only ~1 in 10 candidate-image pairs passes, the engine runs the mask head only on the
+    groups of rows keeping a query (mask_gate 8: groups of 2 of a chunk of 16, at most one group per image here)
+    and still equals the torch reference at that threshold, as does one group (mask_gate=0); the skipping really
+    happens (checked from torch's own scores)."""
     thr = float(np.quantile(reference["max_score"][:16], 0.9))
     ref = torch_reference(setup.cfg, setup.params, setup.images, setup.gts, setup.cand[:16], threshold=thr)
     kept_rows = (ref["max_score"] > thr).sum(0)  # per image, of the 16 rows (one chunk)

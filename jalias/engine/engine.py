@@ -7,7 +7,7 @@ What it does per `score(ids[N, L])`:
      suffix, over the shortest text bucket holding the longest prompt;
   3. per image (features cached on device; optionally on disk), the prompt-dependent part of SAM3 (fusion
      encoder, decoder, heads) and the exact mask IoU run in one jitted call over the chunk, which skips unselected
-     images and runs the mask head only on the rows keeping a query when few do (`mask_gate`). In "meta" prompt mode
+     images and runs the mask head only on groups of rows in which one keeps a query (`mask_gate`). In "meta" prompt mode
      the image cache also holds the geometry encoder's CLS token (one per image), which `detect` appends to
      every candidate's prompt (one more prompt token), and token id 0 is masked out of the detect-side prompt
      as in Meta's SAM3 (CLIP still reads it). The soft surrogate (`soft_loss*`) has no ids: all its content
@@ -36,22 +36,15 @@ from ..model.preprocess import load_image, preprocess
 from ..model.sam3 import Sam3
 from ..tokenizer import CONTEXT_LENGTH, END_ID, START_ID, round_trips, tokenize
 from . import scoring
+from .caches import enable_compilation_cache, load_ctx, model_hash, save_ctx
 
 # what `detect_fast` reads of an image context (`Sam3.encode_image`): the engine holds only these
 CONTEXT_KEYS = ("enc0", "terms", "geo")
-# auto chunk size on CPU: larger chunks only add cache misses there (benchmarks/RESULTS.md, "chunk size")
+# auto chunk size on CPU: larger chunks are slower there (benchmarks/RESULTS.md, "Engine at scale")
 CPU_CHUNK = 128
 # fewest rows a chunk is padded to: scoring one label or sixteen candidates reuses one compiled program
 MIN_BUCKET = 16
 GRAD_COST = 3  # a value-and-grad call costs about 3 forward evaluations per image (what a search is charged)
-
-
-def enable_compilation_cache(path: str | None = None) -> str:
-    """Persistent XLA compilation cache (re-runs skip compiling). Returns the directory used."""
-    path = path or os.environ.get("JALIAS_JAX_CACHE") or str(Path.home() / ".cache" / "jalias" / "jax")
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    return path
 
 
 @dataclass
@@ -76,8 +69,9 @@ class Engine:
     gt_bucket: GT masks are padded to the largest H and W rounded up to a multiple of this, so one compiled
     program scores every mix of resolutions (and every image set whose largest size rounds alike, e.g. COCO's).
     text_bucket: prompts run up to the longest one's END rounded up to a multiple of this (0: the whole context).
-    mask_gate: when at most n // mask_gate of a chunk's n candidates keep any query on an image, the mask head (most
-    of the per-candidate work) runs on those n // mask_gate rows only (0: always on all rows); same IoUs.
+    mask_gate: per image, a chunk's candidates are split into this many groups (those keeping a query first) and the
+    mask head (most of the per-candidate work) runs only on groups with a candidate keeping a query (0 or 1: the
+    whole chunk is one group); same IoUs.
     """
 
     vocab_size: int
@@ -160,11 +154,11 @@ class Engine:
             if cache_dir:
                 path = Path(cache_dir) / f"{hashlib.sha256(px.tobytes() + key_of).hexdigest()[:32]}.npz"
                 if path.exists():
-                    ctx = _load_ctx(path, jax.eval_shape(self._jit_encode, self.model.params, px))
+                    ctx = load_ctx(path, jax.eval_shape(self._jit_encode, self.model.params, px))
             if ctx is None:
                 ctx = self._jit_encode(self.model.params, jnp.asarray(px))
                 if path is not None:
-                    _save_ctx(path, ctx)
+                    save_ctx(path, ctx)
             out.append(ctx)
         return out
 
@@ -246,10 +240,11 @@ class Engine:
 
         Images are mapped sequentially (bounded memory); an image whose `selected` [K] flag is False is skipped
         (`lax.cond`: not computed, its column 0), so one compiled program serves every image subset. Per image the
-        mask head (most of the work) runs only where it can matter: when at most n // mask_gate of the n candidates
-        keep any query, only those rows get masks (the rest predict nothing, whose IoU needs no mask)."""
+        mask head (most of the work) runs only where it can matter: the rows are ordered so those keeping a query
+        come first and split into `mask_gate` groups; a group in which no row keeps a query is skipped (its rows
+        predict nothing, an IoU that needs no mask)."""
         n = prompt.shape[0]
-        sub = n // self.mask_gate if self.mask_gate else 0
+        groups = self.mask_gate if self.mask_gate and n % self.mask_gate == 0 else 1
 
         def one(args):
             sel, c, g, r, cl = args
@@ -259,22 +254,23 @@ class Engine:
             def run(_):
                 out, parts = apply("detect_scores", c, prompt, mask)
                 keep_any = scoring.query_keep(out["pred_logits"], out["presence_logits"], self.threshold).any(-1)
+                empty = jnp.where(jnp.any(g), 0.0, 1.0).astype(jnp.float32)  # IoU of an empty prediction
 
-                def masks_of(rows_idx):  # the exact IoU of the given rows, with their masks computed
-                    take = lambda x: x[rows_idx]  # noqa: E731
-                    o = jax.tree_util.tree_map(take, out)
-                    o["pred_masks"] = apply("mask_logits_fast", c, jax.tree_util.tree_map(take, parts))
-                    return scoring.exact_iou(o, g, r, cl, self.threshold, batch)
+                def group(rows_idx):  # exact IoU of these rows, their masks computed only if one keeps a query
+                    def masks(_):
+                        take = lambda x: x[rows_idx]  # noqa: E731
+                        o = jax.tree_util.tree_map(take, out)
+                        o["pred_masks"] = apply("mask_logits_fast", c, jax.tree_util.tree_map(take, parts))
+                        return scoring.exact_iou(o, g, r, cl, self.threshold, batch)
 
-                if sub < 1:
-                    return masks_of(jnp.arange(n))
+                    return jax.lax.cond(keep_any[rows_idx].any(), masks,
+                                        lambda _: jnp.full(rows_idx.shape, empty, jnp.float32), None)
 
-                def gated(_):  # the rows keeping a query first; the others' IoU is an empty prediction's
-                    order = jnp.argsort(~keep_any, stable=True)[:sub]
-                    empty = jnp.where(jnp.any(g), 0.0, 1.0).astype(jnp.float32)
-                    return jnp.full((n,), empty, jnp.float32).at[order].set(masks_of(order))
-
-                return jax.lax.cond(jnp.sum(keep_any) <= sub, gated, lambda _: masks_of(jnp.arange(n)), None)
+                if groups == 1:
+                    return group(jnp.arange(n))
+                order = jnp.argsort(~keep_any, stable=True)  # rows keeping a query first
+                ious = jax.lax.map(group, order.reshape(groups, n // groups))
+                return jnp.zeros((n,), jnp.float32).at[order].set(ious.reshape(n))
 
             return jax.lax.cond(sel, run, lambda _: jnp.zeros((n,), jnp.float32), None)
 
@@ -480,47 +476,3 @@ def _free_memory(device) -> int:
         return int(psutil.virtual_memory().available)
     except Exception:
         return 4 << 30
-
-
-def model_hash(model: Sam3) -> str:
-    """sha256 of every weight (`jalias.weights.orbax_io.fingerprint`, ~1 s per GB) and the compute dtype: the disk
-    cache's key, so fine-tuned or adapted weights never read another model's features. Computed once per params
-    object."""
-    from ..weights.orbax_io import fingerprint
-
-    cached = getattr(model, "_content_hash", None)
-    if cached is None or cached[0] is not model.params:
-        cached = (model.params, fingerprint(model.params) + model.dtype.name)
-        model._content_hash = cached
-    return cached[1]
-
-
-def _save_ctx(path: Path, ctx: dict) -> None:
-    """Write a context's leaves in their own dtype (bf16 stored as its 16-bit pattern), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(ctx)]
-    arrays = {f"arr_{i}": (x.view(np.uint16) if x.dtype == jnp.bfloat16 else x) for i, x in enumerate(leaves)}
-    np.savez(tmp, dtypes=np.asarray([x.dtype.name for x in leaves]), **arrays)
-    os.replace(tmp, path)
-
-
-def _load_ctx(path: Path, like: dict) -> dict | None:
-    """Read a cached context with the tree structure, shapes and dtypes of `like` (a `jax.eval_shape` result);
-    None if absent, stale or corrupt (then it is recomputed, never fatal)."""
-    try:
-        want, treedef = jax.tree_util.tree_flatten(like)
-        with np.load(path) as z:
-            dtypes = [str(d) for d in z["dtypes"]]
-            leaves = [z[f"arr_{i}"] for i in range(len(dtypes))]
-        if len(leaves) != len(want):
-            return None
-        out = []
-        for x, d, w in zip(leaves, dtypes, want):
-            x = x.view(jnp.bfloat16) if d == "bfloat16" else x
-            if x.shape != w.shape or x.dtype != w.dtype:
-                return None
-            out.append(jnp.asarray(x))
-        return jax.tree_util.tree_unflatten(treedef, out)
-    except Exception:
-        return None
