@@ -10,6 +10,8 @@ Ctrl-C/SIGTERM and at the end; `resume=True` continues from it, and because the 
 
 from __future__ import annotations
 
+import functools
+
 import json
 import os
 import shutil
@@ -80,6 +82,14 @@ def make_step(cfg, train: TrainConfig, opt: optax.GradientTransformation) -> Cal
         return optax.apply_updates(params, updates), opt_state, loss, parts
 
     return step
+
+
+@functools.lru_cache(maxsize=8)
+def stage_step(cfg, train: TrainConfig) -> Callable:
+    """`make_step` with the recipe's own optimiser, built once per (model config, recipe) in a process: a resumed
+    or repeated run reuses the compiled step (its Hungarian host callback keeps it out of XLA's persistent
+    cache, so every new step object would compile again)."""
+    return make_step(cfg, train, optimizer(train))
 
 
 # ---- state on disk ------------------------------------------------------------------------------------------------
@@ -170,7 +180,7 @@ def train(train: TrainConfig = TrainConfig(), out: str | os.PathLike = "runs/tra
         while step < total and not stopping["now"]:
             k, index = train.stage_at(step)
             if k not in fns:
-                fns[k] = make_step(cfg, recipes[k], opts[k])
+                fns[k] = stage_step(cfg, recipes[k])
             if step == train.steps:  # stage 2 starts from a fresh optimiser state
                 opt_state = opts[1].init(params)
             batch = {n: jnp.asarray(v) for n, v in sample_batch(pool, recipes[k], index, reserved).items()}
