@@ -48,25 +48,25 @@ def resize_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
 def upsample2_conv3x3(x: jax.Array, k: jax.Array) -> jax.Array:
     """conv3x3(nearest_upsample_2x(x)) (zero padding 1, no bias) computed at the LOW resolution.
 
-    Each output phase (a, b) of the 2x grid sees a 2x2 neighbourhood of x, so the 3x3 kernel folds into four
-    2x2 kernels; the four phases are computed together as one 3x3 convolution of x with 4 x O output channels
-    (each phase's 2x2 kernel placed at its offset in the 3x3 window), then interleaved. The upsampled map is never
-    materialised, and one convolution call beats four small ones on XLA's CPU backend (1.4-1.9x measured,
-    benchmarks/RESULTS.md). x [B, H, W, C], k [3, 3, C, O] -> [B, 2H, 2W, O].
+    Output row 2i + a of the upsampled grid sees x rows (i - 1, i) when a = 0 and (i, i + 1) when a = 1, and likewise
+    for columns: the 3x3 kernel folds into one 2x2 kernel per output phase (a, p), 4 of 9 taps' worth of work (the
+    upsampled map is never materialised). Per row phase a, one 2x2 convolution of x, padded on the side that phase
+    reaches past, computes both column phases (2 x O output channels, W + 1 columns; phase p reads columns p..p+W-1);
+    the phases are then interleaved. 2.25x fewer FLOPs than one 3x3 convolution with 4 x O channels and 1.3-2.4x
+    faster on XLA's CPU backend (benchmarks/RESULTS.md). x [B, H, W, C], k [3, 3, C, O] -> [B, 2H, 2W, O].
     """
     b, h, w, c = x.shape
     o = k.shape[-1]
-    rows = {0: (k[0:1].sum(0), k[1:3].sum(0)), 1: (k[0:2].sum(0), k[2:3].sum(0))}  # phase -> folded kernel rows
-    big = jnp.zeros((3, 3, c, 2, 2, o), k.dtype)
+    rows = {0: (k[0], k[1] + k[2]), 1: (k[0] + k[1], k[2])}  # row phase -> kernel rows applied to its two x rows
+    phases = []
     for a in (0, 1):
         kr = jnp.stack(rows[a])  # [2, 3, C, O]
-        for p in (0, 1):
-            kk = jnp.stack([kr[:, 0:1].sum(1), kr[:, 1:3].sum(1)] if p == 0 else
-                           [kr[:, 0:2].sum(1), kr[:, 2:3].sum(1)], axis=1)  # [2, 2, C, O]
-            big = big.at[a:a + 2, p:p + 2, :, a, p, :].set(kk)
-    y = jax.lax.conv_general_dilated(x, big.reshape(3, 3, c, 4 * o).astype(x.dtype), (1, 1), ((1, 1), (1, 1)),
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))  # [B, H, W, 2(a) 2(p) O]
-    return y.reshape(b, h, w, 2, 2, o).transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, o)
+        cols = [jnp.stack((kr[:, 0], kr[:, 1] + kr[:, 2]), 1), jnp.stack((kr[:, 0] + kr[:, 1], kr[:, 2]), 1)]
+        kk = jnp.concatenate(cols, -1).astype(x.dtype)  # [2, 2, C, 2(p) O]
+        y = jax.lax.conv_general_dilated(x, kk, (1, 1), ((1 - a, a), (1, 1)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC")).reshape(b, h, w + 1, 2, o)
+        phases.append(jnp.stack([y[:, :, 0:w, 0], y[:, :, 1:w + 1, 1]], axis=3))  # [B, H, W, 2(p), O]
+    return jnp.stack(phases, 2).reshape(b, 2 * h, 2 * w, o)  # [B, H, 2(a), W, 2(p), O] -> interleaved
 
 
 class PixelDecoder(nn.Module):
