@@ -122,7 +122,7 @@ class Setup:
 def torch_reference(cfg, params, images, gts, ids: np.ndarray, threshold: float = 0.5) -> dict:
     """Independent scoring with transformers' Sam3Model: full forward per candidate and image.
     -> {"iou": [N, K], "empty": [N, K] prediction empty, "full": [N, K] prediction covers the whole GT frame,
-    "max_score": [N, K] the highest query score}."""
+    "max_score": [N, K] the highest query score, "kept": [N, K] how many queries are kept}."""
     import torch
     import transformers
 
@@ -134,7 +134,7 @@ def torch_reference(cfg, params, images, gts, ids: np.ndarray, threshold: float 
     input_ids, mask = layout_prompts(ids, cfg.context_length)
     n, k = len(ids), len(images)
     out = {"iou": np.zeros((n, k), np.float32), "empty": np.zeros((n, k), bool), "full": np.zeros((n, k), bool),
-           "max_score": np.zeros((n, k), np.float32)}
+           "max_score": np.zeros((n, k), np.float32), "kept": np.zeros((n, k), np.int64)}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: one thread is ~20x faster than oversubscribed OpenMP on a busy CPU
     with torch.inference_mode():
@@ -145,6 +145,7 @@ def torch_reference(cfg, params, images, gts, ids: np.ndarray, threshold: float 
             score = torch.sigmoid(o.pred_logits) * torch.sigmoid(o.presence_logits)  # [N, Q]
             keep = score > threshold
             out["max_score"][:, j] = score.max(1).values.numpy()
+            out["kept"][:, j] = keep.sum(1).numpy()
             up = torch.nn.functional.interpolate(o.pred_masks, size=gt.shape, mode="bilinear", align_corners=False)
             pred = ((up > 0) & keep[:, :, None, None]).any(1).numpy()  # [N, H, W]
             out["iou"][:, j] = iou(pred, gt[None])
@@ -245,6 +246,20 @@ def test_mask_head_gating_matches_torch_when_few_candidates_keep_a_query(setup, 
     np.testing.assert_allclose(plain.score(setup.cand[:16]), got, atol=0.02)
     with pytest.raises(ValueError, match="mask_gate"):
         Engine(setup.model, setup.images[:1], setup.gts[:1], mask_gate=-1)
+
+
+def test_kept_queries_only_get_masks_and_still_match_torch(setup, reference):
+    """With max_kept=2 the engine computes and resizes masks for only each candidate's first 2 kept queries in
+    groups where no candidate keeps more, and for all queries elsewhere: both happen on this set (torch's own
+    counts), and the IoUs equal the torch reference as the default engine's do."""
+    kept = reference["kept"][:16]
+    assert (kept > 2).any() and ((kept >= 1) & (kept <= 2)).any(), np.bincount(kept.ravel())
+    few = Engine(setup.model, setup.images, setup.gts, negative=setup.negative, chunk_size=16, prefix_cache=False,
+                 max_kept=2)
+    diff = np.abs(few.score(setup.cand[:16]) - reference["iou"][:16])
+    assert (diff == 0).mean() >= 0.99 and diff.max() <= 0.02, ((diff == 0).mean(), diff.max())
+    with pytest.raises(ValueError, match="max_kept"):
+        Engine(setup.model, setup.images[:1], setup.gts[:1], max_kept=0)
 
 
 def test_negative_and_all_true_gt(scores, reference, setup):

@@ -72,6 +72,8 @@ class Engine:
     mask_gate: per image, a chunk's candidates are split into this many groups (those keeping a query first) and the
     mask head (most of the per-candidate work) runs only on groups with a candidate keeping a query (0 or 1: the
     whole chunk is one group); same IoUs.
+    max_kept: when no candidate of a group keeps more than this many queries, only each candidate's kept queries get
+    masks (computed and resized); otherwise all of them do (`scoring.exact_iou`); same IoUs.
     """
 
     vocab_size: int
@@ -83,7 +85,7 @@ class Engine:
                  chunk_size: int | None = None, prefix_cache: bool = True, cache_dir: str | None = None,
                  threshold: float = 0.5, negative_weight: float = 0.5, devices: Sequence | None = None,
                  compilation_cache: bool = True, prompt_mode: str | None = None, gt_bucket: int = 64,
-                 text_bucket: int = 8, mask_gate: int = 8):
+                 text_bucket: int = 8, mask_gate: int = 8, max_kept: int = 16):
         if len(images) == 0:
             raise ValueError("Engine needs at least one image")
         if len(images) != len(gt_masks):
@@ -114,6 +116,9 @@ class Engine:
         if mask_gate < 0:
             raise ValueError(f"mask_gate must be >= 0 (0: off), got {mask_gate}")
         self.mask_gate = int(mask_gate)
+        if max_kept < 1:
+            raise ValueError(f"max_kept must be >= 1, got {max_kept}")
+        self.max_kept = int(max_kept)
         self._jit_encode = jax.jit(self._encode_fn)
         # the image contexts, stacked [K, ...] once and held once (exact scoring and the soft loss read the same copy)
         rep = NamedSharding(self.mesh, P())
@@ -260,8 +265,14 @@ class Engine:
                     def masks(_):
                         take = lambda x: x[rows_idx]  # noqa: E731
                         o = jax.tree_util.tree_map(take, out)
-                        o["pred_masks"] = apply("mask_logits_fast", c, jax.tree_util.tree_map(take, parts))
-                        return scoring.exact_iou(o, g, r, cl, self.threshold, batch)
+                        p = jax.tree_util.tree_map(take, parts)
+                        pixels = apply("mask_pixels_fast", c, p)  # most of the cost; the queries' masks below
+
+                        def masks_of(order):  # only the queries the IoU resizes
+                            h = p["hidden"] if order is None else jnp.take_along_axis(p["hidden"], order[..., None], 1)
+                            return apply("mask_logits_from", h, pixels)
+
+                        return scoring.exact_iou(o, g, r, cl, self.threshold, batch, self.max_kept, masks_of)
 
                     return jax.lax.cond(keep_any[rows_idx].any(), masks,
                                         lambda _: jnp.full(rows_idx.shape, empty, jnp.float32), None)

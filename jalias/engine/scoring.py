@@ -9,6 +9,8 @@ mask is the union over kept queries. IoU follows `jalias.data.masks.iou` (empty 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,7 +104,7 @@ def iou(pred: jax.Array, gt: jax.Array) -> jax.Array:
 
 
 def exact_iou(out: dict, gt: jax.Array, rows: jax.Array, cols: jax.Array, threshold: float = 0.5,
-              batch_size: int = 8, max_kept: int = 16) -> jax.Array:
+              batch_size: int = 8, max_kept: int = 16, masks_of: Callable | None = None) -> jax.Array:
     """Detector outputs for N candidates on one image (pred_masks [N, Q, h, w], pred_logits [N, Q],
     presence_logits [N, 1]) and gt bool [H, W], rows [H, h], cols [W, w] -> iou float32 [N].
 
@@ -111,11 +113,16 @@ def exact_iou(out: dict, gt: jax.Array, rows: jax.Array, cols: jax.Array, thresh
     candidate's kept queries are moved to the front and only the first `max_kept` are resized (Q / max_kept times
     less resize work); otherwise all Q are (same result either way). The choice is a `lax.cond`: under `vmap` it
     would run both branches, so map over images with `lax.map`, as the engine does.
+    masks_of: instead of out["pred_masks"], a function (order int [N, Q'] or None for all Q) -> the mask logits of
+    those queries [N, Q', h, w], so the engine computes only the masks it resizes.
     """
     if max_kept < 1:
         raise ValueError(f"max_kept must be >= 1, got {max_kept}")
     keep = query_keep(out["pred_logits"], out["presence_logits"], threshold)  # [N, Q]
-    masks = out["pred_masks"]
+    if masks_of is None:
+        def masks_of(order):
+            m = out["pred_masks"]
+            return m if order is None else jnp.take_along_axis(m, order[:, :, None, None], axis=1)
 
     def one(args):
         m, k = args  # [Q', h, w], bool [Q']
@@ -125,15 +132,14 @@ def exact_iou(out: dict, gt: jax.Array, rows: jax.Array, cols: jax.Array, thresh
         return jax.lax.map(one, (m, k), batch_size=batch_size)
 
     if max_kept >= keep.shape[-1]:
-        return score(masks, keep)
+        return score(masks_of(None), keep)
 
     def kept_first():
         order = jnp.argsort(~keep, axis=-1, stable=True)[:, :max_kept]  # [N, max_kept]: kept queries first
-        return score(jnp.take_along_axis(masks, order[:, :, None, None], axis=1),
-                     jnp.take_along_axis(keep, order, axis=1))
+        return score(masks_of(order), jnp.take_along_axis(keep, order, axis=1))
 
     few = jnp.max(jnp.sum(keep, axis=-1)) <= max_kept
-    return jax.lax.cond(few, kept_first, lambda: score(masks, keep))
+    return jax.lax.cond(few, kept_first, lambda: score(masks_of(None), keep))
 
 
 def soft_union(out: dict) -> jax.Array:

@@ -149,10 +149,18 @@ class MaskDecoder(nn.Module):
         """pred_masks [B, Q, 4g, 4g] like __call__ (up to float rounding), cheaper: skip convs cached per image,
         upsampling folded into convs, and the 1x1 instance projection folded into the query side
         (emb . (W p + b) = (W^T emb) . p + emb . b), so no D x D conv runs at the 4x resolution."""
+        return self.masks_from_pixels(queries, self.pixels_fast(terms, encoder_tokens, prompt, prompt_bias, grid))
+
+    def pixels_fast(self, terms, encoder_tokens, prompt, prompt_bias, grid: tuple[int, int]):
+        """The query-independent half of `fast`: pixel embeddings [B, 4g, 4g, D] (encoder_tokens [B, g*g, D])."""
         enc = self._prompted_tokens(encoder_tokens, prompt, prompt_bias)
         b, d = enc.shape[0], self.cfg.hidden_size
         terms = [jnp.broadcast_to(t, (b, *t.shape[1:])) for t in terms]
-        pixels = self.pixel_decoder.fast(enc.reshape(b, *grid, d), terms)
+        return self.pixel_decoder.fast(enc.reshape(b, *grid, d), terms)
+
+    def masks_from_pixels(self, queries, pixels):
+        """queries [B, Q', D] (any subset of the queries) x pixels_fast's [B, 4g, 4g, D] -> mask logits
+        [B, Q', 4g, 4g] float32."""
         p = self.instance_projection.variables["params"]
         emb = self.mask_embedder(queries)
         q = jnp.einsum("bqc,dc->bqd", emb, p["kernel"][0, 0].astype(emb.dtype))

@@ -170,9 +170,16 @@ class Sam3Module(nn.Module):
     def mask_logits_fast(self, image, parts):
         """pred_masks [B, Q, 4g, 4g] from `detect_scores`' parts (B rows, any subset of its rows) and the image
         context's skip terms: the engine's reordered mask decoder."""
+        return self.mask_logits_from(parts["hidden"], self.mask_pixels_fast(image, parts))
+
+    def mask_pixels_fast(self, image, parts):
+        """The query-independent half of `mask_logits_fast`: pixel embeddings [B, 4g, 4g, D] (most of its cost)."""
         g = self.cfg.vision.backbone.grid
-        return self.mask_decoder.fast(parts["hidden"], image["terms"], parts["enc"], parts["prompt"], parts["bias"],
-                                      (g, g))
+        return self.mask_decoder.pixels_fast(image["terms"], parts["enc"], parts["prompt"], parts["bias"], (g, g))
+
+    def mask_logits_from(self, hidden, pixels):
+        """Decoder query states hidden [B, Q', D] (any subset of the queries) -> mask logits [B, Q', 4g, 4g]."""
+        return self.mask_decoder.masks_from_pixels(hidden, pixels)
 
     def detect_fast(self, image, prompt, prompt_mask, detach_boxes: bool = True):
         return self.detect(image, prompt, prompt_mask, fast=True, detach_boxes=detach_boxes)
