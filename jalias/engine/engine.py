@@ -20,7 +20,6 @@ What it does per `score(ids[N, L])`:
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,13 +36,13 @@ from ..model.sam3 import Sam3
 from ..tokenizer import CONTEXT_LENGTH, END_ID, START_ID, round_trips, tokenize
 from . import scoring
 from .caches import enable_compilation_cache, load_ctx, model_hash, save_ctx
+from .chunks import prefix_bucket, row_bucket, shared_prefix
 
 # what `detect_fast` reads of an image context (`Sam3.encode_image`): the engine holds only these
 CONTEXT_KEYS = ("enc0", "terms", "geo")
 # auto chunk size on CPU: larger chunks are slower there (benchmarks/RESULTS.md, "Engine at scale")
 CPU_CHUNK = 128
 # fewest rows a chunk is padded to: scoring one label or sixteen candidates reuses one compiled program
-MIN_BUCKET = 16
 GRAD_COST = 3  # a value-and-grad call costs about 3 forward evaluations per image (what a search is charged)
 
 
@@ -240,11 +239,13 @@ class Engine:
         emb = self.model.apply("embed_tokens", ids, params=params)
         return self.model.apply("encode_text", emb, mask, params=params)
 
-    def _iou_fn(self, params, prompt, mask, selected, ctx, gt, rows, cols, batch: int):
+    def _iou_fn(self, params, prompt, mask, valid, selected, ctx, gt, rows, cols, batch: int):
         """prompt [n, T, D] x the K images (ctx, gt [K, Hb, Wb], rows [K, Hb, m], cols [K, Wb, m]) -> iou [n, K].
 
         Images are mapped sequentially (bounded memory); an image whose `selected` [K] flag is False is skipped
-        (`lax.cond`: not computed, its column 0), so one compiled program serves every image subset. Per image the
+        (`lax.cond`: not computed, its column 0), so one compiled program serves every image subset. Rows whose
+        `valid` [n] flag is False are padding: with `mask_gate` groups the detector runs group by group and skips a
+        group of padding rows, so a chunk padded to its bucket costs about what its real rows cost. Per image the
         mask head (most of the work) runs only where it can matter: the rows are ordered so those keeping a query
         come first and split into `mask_gate` groups; a group in which no row keeps a query is skipped (its rows
         predict nothing, an IoU that needs no mask)."""
@@ -256,9 +257,25 @@ class Engine:
             c = jax.tree_util.tree_map(lambda x: x[None], c)
             apply = lambda method, *a: self.model.apply(method, *a, params=params)  # noqa: E731
 
+            def detect():
+                if groups == 1:
+                    return apply("detect_scores", c, prompt, mask)
+                size = n // groups
+
+                def part(i):  # detector outputs of rows [i * size, (i + 1) * size), zeros for a padding group
+                    rows_of = lambda x: jax.lax.dynamic_slice_in_dim(x, i * size, size, 0)  # noqa: E731
+                    do = lambda _: apply("detect_scores", c, rows_of(prompt), rows_of(mask))  # noqa: E731
+                    shapes = jax.eval_shape(do, None)
+                    return jax.lax.cond(rows_of(valid).any(), do, lambda _: jax.tree_util.tree_map(
+                        lambda s: jnp.zeros(s.shape, s.dtype), shapes), None)
+
+                return jax.tree_util.tree_map(lambda x: x.reshape(n, *x.shape[2:]),
+                                              jax.lax.map(part, jnp.arange(groups)))
+
             def run(_):
-                out, parts = apply("detect_scores", c, prompt, mask)
+                out, parts = detect()
                 keep_any = scoring.query_keep(out["pred_logits"], out["presence_logits"], self.threshold).any(-1)
+                keep_any = keep_any & valid
                 empty = jnp.where(jnp.any(g), 0.0, 1.0).astype(jnp.float32)  # IoU of an empty prediction
 
                 def group(rows_idx):  # exact IoU of these rows, their masks computed only if one keeps a query
@@ -367,7 +384,7 @@ class Engine:
         if self.prefix_cache and reference is not None:
             ref_ids, ref_mask = scoring.layout_prompts(np.asarray(reference, np.int32)[None], self.config.context_length)
             ref_ids, ref_mask = ref_ids[:, :width], ref_mask[:, :width]
-            shared = _shared_prefix(input_ids, mask, ref_ids[0], ref_mask[0])
+            shared = shared_prefix(input_ids, mask, ref_ids[0], ref_mask[0])
             order = np.argsort(-shared, kind="stable")
             ref_feats, ref_kv = self._ref(ref_ids, ref_mask)
         else:
@@ -378,7 +395,7 @@ class Engine:
         pending = None
         for start in range(0, n, self.chunk_size):
             idx = order[start:start + self.chunk_size]
-            prefix = _bucket_prefix(int(shared[idx].min())) if ref_kv is not None else 0
+            prefix = prefix_bucket(int(shared[idx].min())) if ref_kv is not None else 0
             nxt = (idx, self._score_chunk(input_ids[idx], mask[idx], sel, ref_feats, ref_kv, prefix))
             if pending is not None:
                 result[pending[0]] = _fetch(pending[1])[:len(pending[0])][:, sel]
@@ -395,7 +412,7 @@ class Engine:
     def _score_chunk(self, ids, mask, sel, ref_feats, ref_kv, prefix) -> jax.Array:
         """Dispatch one chunk -> its IoUs [bucket, k] on device (padding rows included; not yet read back)."""
         n = len(ids)
-        bucket = _bucket(n, self.chunk_size, len(self.devices))
+        bucket = row_bucket(n, self.chunk_size, len(self.devices))
         ids = np.concatenate([ids, np.repeat(ids[-1:], bucket - n, 0)])
         mask = np.concatenate([mask, np.repeat(mask[-1:], bucket - n, 0)])
         cand = NamedSharding(self.mesh, P("cand"))
@@ -406,8 +423,9 @@ class Engine:
         selected = np.zeros(self.n_images, bool)
         selected[np.asarray(sel, int)] = True
         batch = max(1, min(bucket, int(2e8 // (self.config.decoder.num_queries * t.gt.shape[-1] * t.gt.shape[-2] * 4))))
-        return self._jit_iou(self.model.params, prompt, detect_mask, jnp.asarray(selected), self._ctx, t.gt, t.rows,
-                             t.cols, batch=batch)  # [bucket, K] on device
+        valid = jax.device_put(np.arange(bucket) < n, cand)
+        return self._jit_iou(self.model.params, prompt, detect_mask, valid, jnp.asarray(selected), self._ctx, t.gt,
+                             t.rows, t.cols, batch=batch)  # [bucket, K] on device
 
     # soft / gradient interface ------------------------------------------------------------------------------------
     def _subset(self, images) -> tuple[jax.Array, jax.Array, int]:
@@ -444,20 +462,6 @@ class Engine:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def _shared_prefix(ids: np.ndarray, mask: np.ndarray, ref: np.ndarray, ref_mask: np.ndarray) -> np.ndarray:
-    """Per row: how many leading positions (ids and mask) equal the reference's, counting only real tokens
-    before the reference's END (so a cached prefix never includes END or padding)."""
-    same = (ids == ref[None]) & (mask == ref_mask[None])
-    first_diff = np.where(same.all(1), ids.shape[1], np.argmin(same, axis=1))
-    ref_len = int(ref_mask.sum()) - 1  # START + content tokens
-    return np.minimum(first_diff, ref_len)
-
-
-def _bucket_prefix(p: int) -> int:
-    """Round cached-prefix lengths down to a multiple of 4 (bounds the number of compiled variants)."""
-    return (p // 4) * 4
-
-
 def _fetch(x: jax.Array) -> np.ndarray:
     """A device array as numpy; one sharded over other processes' devices too is gathered from all of them."""
     if x.is_fully_addressable or x.is_fully_replicated:
@@ -465,14 +469,6 @@ def _fetch(x: jax.Array) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def _bucket(n: int, chunk: int, devices: int) -> int:
-    """Rows a chunk of n candidates is padded to: a power of two, at least MIN_BUCKET (few compiled programs: one
-    prompt or sixteen run the same program), at most the chunk size, a multiple of the device count."""
-    b = max(devices, MIN_BUCKET, 1 << max(0, (n - 1).bit_length()))
-    b = min(b, chunk) if n <= chunk else b
-    return int(math.ceil(b / devices) * devices)
 
 
 def _free_memory(device) -> int:
