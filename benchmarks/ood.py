@@ -166,8 +166,8 @@ def plot(concepts: list[dict], summary: dict, budgets: list[int], out_dir: Path)
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="3 concepts, 2 methods, budget 2k, 1 seed (<= 5 min)")
-    ap.add_argument("--weights", default="runs/train-small/final",
-                    help="a checkpoint of `jalias train` (default: that command's default output)")
+    ap.add_argument("--weights", default="weights/small",
+                    help="a checkpoint of `jalias train` (default: the shipped one, weights/small)")
     ap.add_argument("--concepts", help="comma-separated OOD concept names (default: the preset's)")
     ap.add_argument("--methods", help=f"comma-separated rows of {', '.join(SETTINGS)}")
     ap.add_argument("--seeds", help="comma-separated search seeds")
