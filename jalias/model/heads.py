@@ -52,7 +52,7 @@ def upsample2_conv3x3(x: jax.Array, k: jax.Array) -> jax.Array:
     for columns: the 3x3 kernel folds into one 2x2 kernel per output phase (a, p), 4 of 9 taps' worth of work (the
     upsampled map is never materialised). Per row phase a, one 2x2 convolution of x, padded on the side that phase
     reaches past, computes both column phases (2 x O output channels, W + 1 columns; phase p reads columns p..p+W-1);
-    the phases are then interleaved. 2.25x fewer FLOPs than one 3x3 convolution with 4 x O channels and 1.3-2.4x
+    the phases are then interleaved. 2.25x fewer FLOPs than one 3x3 convolution with 4 x O channels and 1.4-2.5x
     faster on XLA's CPU backend (benchmarks/RESULTS.md). x [B, H, W, C], k [3, 3, C, O] -> [B, 2H, 2W, O].
     """
     b, h, w, c = x.shape
