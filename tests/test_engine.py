@@ -249,17 +249,19 @@ def test_mask_head_gating_matches_torch_when_few_candidates_keep_a_query(setup, 
 
 
 def test_kept_queries_only_get_masks_and_still_match_torch(setup, reference):
-    """With max_kept=2 the engine computes and resizes masks for only each candidate's first 2 kept queries in
-    groups where no candidate keeps more, and for all queries elsewhere: both happen on this set (torch's own
-    counts), and the IoUs equal the torch reference as the default engine's do."""
+    """With kept-query tiers (1, 2) the engine computes and resizes masks for only each candidate's first 1 or 2
+    queries in kept-first order in groups where no candidate keeps more, and for all queries elsewhere: all three
+    happen on this set (torch's own counts), and the IoUs equal the torch reference as the default engine's do."""
     kept = reference["kept"][:16]
-    assert (kept > 2).any() and ((kept >= 1) & (kept <= 2)).any(), np.bincount(kept.ravel())
+    assert (kept == 1).any() and (kept == 2).any() and (kept > 2).any(), np.bincount(kept.ravel())
     few = Engine(setup.model, setup.images, setup.gts, negative=setup.negative, chunk_size=16, prefix_cache=False,
-                 max_kept=2)
+                 max_kept=(2, 1))
+    assert few.max_kept == (1, 2)
     diff = np.abs(few.score(setup.cand[:16]) - reference["iou"][:16])
     assert (diff == 0).mean() >= 0.99 and diff.max() <= 0.02, ((diff == 0).mean(), diff.max())
-    with pytest.raises(ValueError, match="max_kept"):
-        Engine(setup.model, setup.images[:1], setup.gts[:1], max_kept=0)
+    for bad in (0, (), (2, 0)):
+        with pytest.raises(ValueError, match="max_kept"):
+            Engine(setup.model, setup.images[:1], setup.gts[:1], max_kept=bad)
 
 
 def test_negative_and_all_true_gt(scores, reference, setup):

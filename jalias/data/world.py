@@ -149,26 +149,6 @@ def concept_scene(seed: int, concept: OODConcept | IDConcept, k: int, size: int)
     return render(rng, size, objects, f"{concept.name}_{k:03d}", tags)
 
 
-def ood_dataset(concepts: list[str] | None = None, n_images_per_concept: int = 12, image_size: int = 112,
-                seed: int = 0) -> Dataset:
-    """A COCO-ready ``synthetic.Dataset`` of OOD concepts (default: all), concept-major, ids "<name>_<k:03d>"."""
-    names = [c.name for c in OOD_CONCEPTS] if concepts is None else list(concepts)
-    unknown = [n for n in names if n not in OOD_BY_NAME]
-    if unknown:
-        raise ValueError(f"unknown OOD concept '{unknown[0]}'; choose from: {', '.join(OOD_BY_NAME)}")
-    if n_images_per_concept < 1:
-        raise ValueError(f"n_images_per_concept must be >= 1, got {n_images_per_concept}")
-    samples = []
-    for name in names:
-        for k in range(n_images_per_concept):
-            sc = concept_scene(seed, OOD_BY_NAME[name], k, image_size)
-            masks = {n: union_of_instances([i.mask for i in sc.instances if i.concept == n],
-                                           shape=(image_size, image_size)) for n in names}
-            samples.append(Sample(image=sc.image, masks=masks, image_id=sc.image_id,
-                                  instances=[i for i in sc.instances if i.concept in names]))
-    return Dataset(samples=samples, concepts=[Concept(n, OOD_BY_NAME[n].label) for n in names])
-
-
 def phrase_targets(scene: Scene, phrase: tuple[str | None, str | None]) -> list[int]:
     """Indices of the scene's objects a phrase (colour or None, shape or None) refers to."""
     colour, shape = phrase

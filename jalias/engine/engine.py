@@ -42,7 +42,6 @@ from .chunks import prefix_bucket, row_bucket, shared_prefix
 CONTEXT_KEYS = ("enc0", "terms", "geo")
 # auto chunk size on CPU: larger chunks are slower there (benchmarks/RESULTS.md, "Engine at scale")
 CPU_CHUNK = 128
-# fewest rows a chunk is padded to: scoring one label or sixteen candidates reuses one compiled program
 GRAD_COST = 3  # a value-and-grad call costs about 3 forward evaluations per image (what a search is charged)
 
 
@@ -70,9 +69,11 @@ class Engine:
     text_bucket: prompts run up to the longest one's END rounded up to a multiple of this (0: the whole context).
     mask_gate: per image, a chunk's candidates are split into this many groups (those keeping a query first) and the
     mask head (most of the per-candidate work) runs only on groups with a candidate keeping a query (0 or 1: the
-    whole chunk is one group); same IoUs.
-    max_kept: when no candidate of a group keeps more than this many queries, only each candidate's kept queries get
-    masks (computed and resized); otherwise all of them do (`scoring.exact_iou`); same IoUs.
+    whole chunk is one group); same IoUs. On one device the detector also runs in this many groups of rows, and a
+    group of padding rows (a chunk is padded to a power-of-two bucket) is skipped.
+    max_kept: tiers of kept-query counts: when no candidate of a group keeps more queries than a tier, only each
+    candidate's first (tier) queries in kept-first order get masks (computed and resized); beyond the largest tier
+    all queries do (`scoring.exact_iou`); same IoUs.
     """
 
     vocab_size: int
@@ -84,7 +85,7 @@ class Engine:
                  chunk_size: int | None = None, prefix_cache: bool = True, cache_dir: str | None = None,
                  threshold: float = 0.5, negative_weight: float = 0.5, devices: Sequence | None = None,
                  compilation_cache: bool = True, prompt_mode: str | None = None, gt_bucket: int = 64,
-                 text_bucket: int = 8, mask_gate: int = 8, max_kept: int = 16):
+                 text_bucket: int = 8, mask_gate: int = 8, max_kept: int | Sequence[int] = (4, 8, 16)):
         if len(images) == 0:
             raise ValueError("Engine needs at least one image")
         if len(images) != len(gt_masks):
@@ -115,9 +116,10 @@ class Engine:
         if mask_gate < 0:
             raise ValueError(f"mask_gate must be >= 0 (0: off), got {mask_gate}")
         self.mask_gate = int(mask_gate)
-        if max_kept < 1:
+        tiers = (max_kept,) if isinstance(max_kept, int) else tuple(max_kept)
+        if not tiers or min(tiers) < 1:
             raise ValueError(f"max_kept must be >= 1, got {max_kept}")
-        self.max_kept = int(max_kept)
+        self.max_kept = tuple(sorted({int(m) for m in tiers}))
         self._jit_encode = jax.jit(self._encode_fn)
         # the image contexts, stacked [K, ...] once and held once (exact scoring and the soft loss read the same copy)
         rep = NamedSharding(self.mesh, P())
@@ -244,13 +246,16 @@ class Engine:
 
         Images are mapped sequentially (bounded memory); an image whose `selected` [K] flag is False is skipped
         (`lax.cond`: not computed, its column 0), so one compiled program serves every image subset. Rows whose
-        `valid` [n] flag is False are padding: with `mask_gate` groups the detector runs group by group and skips a
-        group of padding rows, so a chunk padded to its bucket costs about what its real rows cost. Per image the
+        `valid` [n] flag is False are padding: on one device, with `mask_gate` groups, the detector runs group by
+        group and skips groups of only padding rows, so a padded chunk costs its real rows rounded up to n /
+        mask_gate (on several devices the rows stay sharded and padding is computed: slicing sharded rows per group
+        would gather them onto every device). Per image the
         mask head (most of the work) runs only where it can matter: the rows are ordered so those keeping a query
         come first and split into `mask_gate` groups; a group in which no row keeps a query is skipped (its rows
         predict nothing, an IoU that needs no mask)."""
         n = prompt.shape[0]
         groups = self.mask_gate if self.mask_gate and n % self.mask_gate == 0 else 1
+        detect_groups = groups if len(self.devices) == 1 else 1
 
         def one(args):
             sel, c, g, r, cl = args
@@ -258,9 +263,9 @@ class Engine:
             apply = lambda method, *a: self.model.apply(method, *a, params=params)  # noqa: E731
 
             def detect():
-                if groups == 1:
+                if detect_groups == 1:
                     return apply("detect_scores", c, prompt, mask)
-                size = n // groups
+                size = n // detect_groups
 
                 def part(i):  # detector outputs of rows [i * size, (i + 1) * size), zeros for a padding group
                     rows_of = lambda x: jax.lax.dynamic_slice_in_dim(x, i * size, size, 0)  # noqa: E731
@@ -270,7 +275,7 @@ class Engine:
                         lambda s: jnp.zeros(s.shape, s.dtype), shapes), None)
 
                 return jax.tree_util.tree_map(lambda x: x.reshape(n, *x.shape[2:]),
-                                              jax.lax.map(part, jnp.arange(groups)))
+                                              jax.lax.map(part, jnp.arange(detect_groups)))
 
             def run(_):
                 out, parts = detect()

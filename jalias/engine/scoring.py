@@ -9,7 +9,7 @@ mask is the union over kept queries. IoU follows `jalias.data.masks.iou` (empty 
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -104,21 +104,24 @@ def iou(pred: jax.Array, gt: jax.Array) -> jax.Array:
 
 
 def exact_iou(out: dict, gt: jax.Array, rows: jax.Array, cols: jax.Array, threshold: float = 0.5,
-              batch_size: int = 8, max_kept: int = 16, masks_of: Callable | None = None) -> jax.Array:
-    """Detector outputs for N candidates on one image (pred_masks [N, Q, h, w], pred_logits [N, Q],
-    presence_logits [N, 1]) and gt bool [H, W], rows [H, h], cols [W, w] -> iou float32 [N].
+              batch_size: int = 8, max_kept: int | Sequence[int] = 16, masks_of: Callable | None = None) -> jax.Array:
+    """Detector outputs for N candidates on one image (pred_masks [N, Q, h, w] unless `masks_of` is given,
+    pred_logits [N, Q], presence_logits [N, 1]) and gt bool [H, W], rows [H, h], cols [W, w] -> iou float32 [N].
 
     Candidates are mapped in batches of `batch_size` so the [Q, H, W] upsampled logits never exist for the whole
-    chunk. Only kept queries reach the union, so when no candidate keeps more than `max_kept` queries, each
-    candidate's kept queries are moved to the front and only the first `max_kept` are resized (Q / max_kept times
-    less resize work); otherwise all Q are (same result either way). The choice is a `lax.cond`: under `vmap` it
-    would run both branches, so map over images with `lax.map`, as the engine does.
+    chunk. Only kept queries reach the union, so when no candidate keeps more than m queries, for m the smallest of
+    the `max_kept` tiers (an int or several) that holds them, each candidate's kept queries are moved to the front and
+    only the first m are resized (Q / m times less resize work); otherwise all Q are (same result either way). The
+    choice is a `lax.switch`: under `vmap` it would run every branch, so map over images with `lax.map`, as the
+    engine does.
     masks_of: instead of out["pred_masks"], a function (order int [N, Q'] or None for all Q) -> the mask logits of
     those queries [N, Q', h, w], so the engine computes only the masks it resizes.
     """
-    if max_kept < 1:
+    tiers = sorted({int(m) for m in ((max_kept,) if isinstance(max_kept, int) else max_kept)})
+    if not tiers or tiers[0] < 1:
         raise ValueError(f"max_kept must be >= 1, got {max_kept}")
     keep = query_keep(out["pred_logits"], out["presence_logits"], threshold)  # [N, Q]
+    tiers = [m for m in tiers if m < keep.shape[-1]]
     if masks_of is None:
         def masks_of(order):
             m = out["pred_masks"]
@@ -131,15 +134,21 @@ def exact_iou(out: dict, gt: jax.Array, rows: jax.Array, cols: jax.Array, thresh
     def score(m, k):
         return jax.lax.map(one, (m, k), batch_size=batch_size)
 
-    if max_kept >= keep.shape[-1]:
+    def every():
         return score(masks_of(None), keep)
 
-    def kept_first():
-        order = jnp.argsort(~keep, axis=-1, stable=True)[:, :max_kept]  # [N, max_kept]: kept queries first
-        return score(masks_of(order), jnp.take_along_axis(keep, order, axis=1))
+    if not tiers:
+        return every()
 
-    few = jnp.max(jnp.sum(keep, axis=-1)) <= max_kept
-    return jax.lax.cond(few, kept_first, lambda: score(masks_of(None), keep))
+    def kept_first(m):
+        def branch():
+            order = jnp.argsort(~keep, axis=-1, stable=True)[:, :m]  # [N, m]: kept queries first
+            return score(masks_of(order), jnp.take_along_axis(keep, order, axis=1))
+        return branch
+
+    most = jnp.max(jnp.sum(keep, axis=-1))  # the most queries a candidate keeps
+    tier = sum((most > m).astype(jnp.int32) for m in tiers)  # index of the smallest tier holding them, else all
+    return jax.lax.switch(tier, [kept_first(m) for m in tiers] + [every])
 
 
 def soft_union(out: dict) -> jax.Array:

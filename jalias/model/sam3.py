@@ -147,7 +147,7 @@ class Sam3Module(nn.Module):
     def detect_scores(self, image, prompt, prompt_mask, detach_boxes: bool = True):
         """Everything of `detect` but the mask head -> (out: pred_logits, pred_boxes, presence_logits; parts: what
         the mask head reads: hidden [B, Q, D], enc [B, g*g, D], prompt [B, T(+1), D], bias). The engine decides
-        from the scores which rows need masks at all (`mask_logits_fast` on those only)."""
+        from the scores which rows need masks at all (`mask_pixels_fast` + `mask_logits_from` on those only)."""
         b = prompt.shape[0]
         g = self.cfg.vision.backbone.grid
         if self.prompt_mode == "meta":

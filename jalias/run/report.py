@@ -236,7 +236,7 @@ def _html(doc: dict, results: list[dict]) -> str:
            + "".join(f" + adapter <code>{e(str(a))}</code>" for a in s.get("adapters", [])) + ", "
            f"annotations <code>{e(str(s['annotations']))}</code>.</p>",
            *([RANDOM_NOTE] if is_random_tiny(str(s["weights"])) else []),
-           *([f"<p class='warn'>Left out as unreadable (--skip-bad-images): "
+           *(["<p class='warn'>Left out as unreadable (--skip-bad-images): "
               + ", ".join(f"<code>{e(k)}</code> ({e(v)})" for k, v in doc["skipped_images"].items()) + "</p>"]
              if doc.get("skipped_images") else []),
            f"<h2>Summary: {len(results)} categories</h2>",

@@ -76,7 +76,7 @@ def run(engine: ScoringEngine, config: Optional[SoftConfig] = None, *,
     """PEZ-style search on `engine` within config.budget candidate-image evaluations."""
     config = coerce_config(config, SoftConfig, "soft")
     sr = SearchRun("soft", engine, config, on_checkpoint, resume_state, on_progress)
-    budget, rng, allowed = sr.budget, sr.rng, sr.allowed
+    budget, allowed = sr.budget, sr.allowed
 
     embeddings = jnp.asarray(engine.embedding_table, dtype=jnp.float32)  # [V, D]
     table = embeddings[jnp.asarray(allowed)]  # [M, D] the tokens a projection may land on
