@@ -7,8 +7,8 @@ What it does per `score(ids[N, L])`:
      suffix, over the shortest text bucket holding the longest prompt;
   3. per image (features cached on device; optionally on disk), the prompt-dependent part of SAM3 (fusion
      encoder, decoder, heads) and the exact mask IoU run in one jitted call over the chunk, which skips unselected
-     images and runs the mask head only on groups of rows in which one keeps a query (`mask_gate`). In "meta" prompt mode
-     the image cache also holds the geometry encoder's CLS token (one per image), which `detect` appends to
+     images and runs the mask head only on groups of rows in which one keeps a query (`mask_gate`). In "meta"
+     prompt mode the image cache also holds the geometry encoder's CLS token (one per image), which `detect` appends to
      every candidate's prompt (one more prompt token), and token id 0 is masked out of the detect-side prompt
      as in Meta's SAM3 (CLIP still reads it). The soft surrogate (`soft_loss*`) has no ids: all its content
      positions count as valid;
@@ -116,10 +116,7 @@ class Engine:
         if mask_gate < 0:
             raise ValueError(f"mask_gate must be >= 0 (0: off), got {mask_gate}")
         self.mask_gate = int(mask_gate)
-        tiers = (max_kept,) if isinstance(max_kept, int) else tuple(max_kept)
-        if not tiers or min(tiers) < 1:
-            raise ValueError(f"max_kept must be >= 1, got {max_kept}")
-        self.max_kept = tuple(sorted({int(m) for m in tiers}))
+        self.max_kept = scoring.kept_tiers(max_kept)
         self._jit_encode = jax.jit(self._encode_fn)
         # the image contexts, stacked [K, ...] once and held once (exact scoring and the soft loss read the same copy)
         rep = NamedSharding(self.mesh, P())
@@ -249,10 +246,9 @@ class Engine:
         `valid` [n] flag is False are padding: on one device, with `mask_gate` groups, the detector runs group by
         group and skips groups of only padding rows, so a padded chunk costs its real rows rounded up to n /
         mask_gate (on several devices the rows stay sharded and padding is computed: slicing sharded rows per group
-        would gather them onto every device). Per image the
-        mask head (most of the work) runs only where it can matter: the rows are ordered so those keeping a query
-        come first and split into `mask_gate` groups; a group in which no row keeps a query is skipped (its rows
-        predict nothing, an IoU that needs no mask)."""
+        would gather them onto every device). Per image the mask head (most of the work) runs only where it can
+        matter: the rows are ordered so those keeping a query come first and split into `mask_gate` groups; a group
+        in which no row keeps a query is skipped (its rows predict nothing, an IoU that needs no mask)."""
         n = prompt.shape[0]
         groups = self.mask_gate if self.mask_gate and n % self.mask_gate == 0 else 1
         detect_groups = groups if len(self.devices) == 1 else 1

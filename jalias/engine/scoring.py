@@ -103,6 +103,14 @@ def iou(pred: jax.Array, gt: jax.Array) -> jax.Array:
     return jnp.where(union == 0, 1.0, inter / jnp.maximum(union, 1.0))
 
 
+def kept_tiers(max_kept: int | Sequence[int]) -> tuple[int, ...]:
+    """`exact_iou`'s max_kept (one count or several) -> its tiers, sorted and distinct; ValueError unless each >= 1."""
+    tiers = tuple(sorted({int(m) for m in (np.atleast_1d(max_kept) if np.ndim(max_kept) == 0 else max_kept)}))
+    if not tiers or tiers[0] < 1:
+        raise ValueError(f"max_kept must be >= 1, got {max_kept}")
+    return tiers
+
+
 def exact_iou(out: dict, gt: jax.Array, rows: jax.Array, cols: jax.Array, threshold: float = 0.5,
               batch_size: int = 8, max_kept: int | Sequence[int] = 16, masks_of: Callable | None = None) -> jax.Array:
     """Detector outputs for N candidates on one image (pred_masks [N, Q, h, w] unless `masks_of` is given,
@@ -117,11 +125,9 @@ def exact_iou(out: dict, gt: jax.Array, rows: jax.Array, cols: jax.Array, thresh
     masks_of: instead of out["pred_masks"], a function (order int [N, Q'] or None for all Q) -> the mask logits of
     those queries [N, Q', h, w], so the engine computes only the masks it resizes.
     """
-    tiers = sorted({int(m) for m in ((max_kept,) if isinstance(max_kept, int) else max_kept)})
-    if not tiers or tiers[0] < 1:
-        raise ValueError(f"max_kept must be >= 1, got {max_kept}")
+    tiers = kept_tiers(max_kept)
     keep = query_keep(out["pred_logits"], out["presence_logits"], threshold)  # [N, Q]
-    tiers = [m for m in tiers if m < keep.shape[-1]]
+    tiers = [m for m in tiers if m < keep.shape[-1]]  # a tier >= Q is all queries
     if masks_of is None:
         def masks_of(order):
             m = out["pred_masks"]

@@ -11,7 +11,6 @@ Ctrl-C/SIGTERM and at the end; `resume=True` continues from it, and because the 
 from __future__ import annotations
 
 import functools
-
 import json
 import os
 import shutil
@@ -164,8 +163,6 @@ def train(train: TrainConfig = TrainConfig(), out: str | os.PathLike = "runs/tra
     pool = build_pool(cfg, train)
     reserved = reserved_tokens()
     recipes = (train, train.stage2())
-    opts = tuple(optimizer(r) for r in recipes)
-    fns = {}  # stage -> its jitted step, compiled on entering the stage
 
     stopping = {"now": False}
 
@@ -179,12 +176,11 @@ def train(train: TrainConfig = TrainConfig(), out: str | os.PathLike = "runs/tra
     try:
         while step < total and not stopping["now"]:
             k, index = train.stage_at(step)
-            if k not in fns:
-                fns[k] = stage_step(cfg, recipes[k])
             if step == train.steps:  # stage 2 starts from a fresh optimiser state
-                opt_state = opts[1].init(params)
+                opt_state = optimizer(recipes[1]).init(params)
             batch = {n: jnp.asarray(v) for n, v in sample_batch(pool, recipes[k], index, reserved).items()}
-            params, opt_state, loss, parts = fns[k](params, opt_state, batch)
+            # the stage's jitted step, built on entering the stage and kept by stage_step's cache
+            params, opt_state, loss, parts = stage_step(cfg, recipes[k])(params, opt_state, batch)
             step += 1
             done_here += 1
             window.append(float(loss))
