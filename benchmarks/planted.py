@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from jalias.atomic import write_json_atomic  # noqa: E402
 from jalias.data.planted import KINDS, make_planted  # noqa: E402
 from jalias.engine import Engine  # noqa: E402
 from jalias.search import METHODS, HalvingConfig, run_search  # noqa: E402
@@ -336,7 +336,7 @@ def main(argv=None) -> dict:
         for p in problems_ids:
             problems.append(done[p] if p in done else run_problem(p, seeds, budgets[-1], args.methods, log, args.kind))
             if args.json:  # partial results after every problem
-                write_json(args.json, {"settings": {"run": run_key(args.methods, seeds, budgets, args.kind)},
+                write_json_atomic(args.json, {"settings": {"run": run_key(args.methods, seeds, budgets, args.kind)},
                                        "problems": problems})
     summary = summarise(problems, args.methods, budgets)
     print_table(summary, budgets)
@@ -351,7 +351,7 @@ def main(argv=None) -> dict:
                            "merged_from": [str(f) for f in args.merge or []]},
               "problems": problems}
     if args.json:
-        write_json(args.json, result)
+        write_json_atomic(args.json, result)
         print(f"json: {args.json}")
     return result
 
@@ -378,13 +378,6 @@ def run_key(methods: list[str], seeds: list[int], budgets: list[int], kind: str)
     """What makes stored per-problem results reusable by --resume."""
     return json.dumps({"methods": plain_settings({m: SETTINGS[m] for m in methods}), "seeds": seeds,
                        "budget": max(budgets), "kind": kind}, sort_keys=True)
-
-
-def write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def _max_rss_gb() -> float:

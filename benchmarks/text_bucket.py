@@ -8,7 +8,6 @@ Prints evaluations/s per setting, the ratio, and checks that both give the same 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -18,6 +17,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from jalias.atomic import write_json_atomic  # noqa: E402
 from jalias.data import world  # noqa: E402
 from jalias.engine import Engine  # noqa: E402
 from jalias.train.evaluate import concept_images  # noqa: E402
@@ -54,8 +54,7 @@ def main(argv=None) -> dict:
         print(f"{n:10s} {r:10.0f}")
     print(f"ratio {res['ratio']:.2f}x; max |IoU diff| {same:.2g}")
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(res, indent=1))
+        write_json_atomic(a.json, res)
     return res
 
 

@@ -13,7 +13,7 @@ Prints the median seconds per call for each shape (batch, low-res side, channels
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import platform
 import sys
 import time
@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from jalias.atomic import write_json_atomic  # noqa: E402
 from jalias.model.heads import upsample2_conv3x3  # noqa: E402
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -79,10 +80,9 @@ def main(argv=None) -> dict:
         print(f"{r['batch']:>5} {r['side']:>4} {r['channels']:>3} " + " ".join(f"{s[n]:>12.4f}" for n in fns)
               + f" {s['3x3 x 4O'] / s['shipped']:>16.2f}x {max(r['max_abs_diff_vs_plain'].values()):>10.1e}")
     out = {"rows": rows, "machine": platform.machine(), "backend": jax.default_backend(),
-           "date": time.strftime("%Y-%m-%d"), "load_average": list(__import__("os").getloadavg())}
+           "date": time.strftime("%Y-%m-%d"), "load_average": list(os.getloadavg())}
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(out, indent=1))
+        write_json_atomic(a.json, out)
     return out
 
 
