@@ -105,7 +105,7 @@ def collateral(base_masks: np.ndarray, adapted, images, ctx, prompts) -> tuple[f
 
 
 def run_problem(p: int, kinds: list[str], steps: int, budget: int, alias_mode: str, log,
-                preserve: float = 0.0) -> list[dict]:
+                extra: dict | None = None) -> list[dict]:
     t0 = time.perf_counter()
     prob = make_planted(p)
     model = prob.model
@@ -121,13 +121,14 @@ def run_problem(p: int, kinds: list[str], steps: int, budget: int, alias_mode: s
     base = {"label_before": label_before, "alias": alias_iou}
     return adapt_rows(model, f"planted-{p}", prob.label, label, alias, base, (prob.search_images, prob.search_masks),
                       held, lambda adapted: collateral(base_masks, adapted, prob.heldout_images, held_ctx, others),
-                      kinds, steps, preserve, log)
+                      kinds, steps, extra or {}, log)
 
 
 def adapt_rows(model, category: str, label_text: str, label: list[int], alias: list[int], base: dict, search,
-               held, collateral_of, kinds: list[str], steps: int, preserve: float, log) -> list[dict]:
+               held, collateral_of, kinds: list[str], steps: int, extra: dict, log) -> list[dict]:
     """Per adapter kind: an alias-teacher and a gt-teacher adapter for `label` trained on the search images
-    (equal steps, same optimiser), measured on the held-out images; collateral_of(adapted) -> (mean, per label)."""
+    (equal steps, same optimiser), measured on the held-out images; collateral_of(adapted) -> (mean, per label).
+    extra: AdaptConfig fields beyond kind/teacher/steps (w_preserve, preserve_neighbours)."""
     search_images, search_masks = search
     neg = [not m.any() for m in search_masks]
     ctx = image_contexts(model, search_images)
@@ -136,9 +137,9 @@ def adapt_rows(model, category: str, label_text: str, label: list[int], alias: l
     rows = []
     for kind in kinds:
         row = {"category": category, "label": label_text, "kind": kind, "steps": steps,
-               "alias_text": detokenize(alias), **base, "w_preserve": preserve}
+               "alias_text": detokenize(alias), **base, "w_preserve": extra.get("w_preserve", 0.0)}
         for teacher in ("alias", "gt"):
-            cfg = AdaptConfig(kind=kind, teacher=teacher, steps=steps, w_preserve=preserve)
+            cfg = AdaptConfig(kind=kind, teacher=teacher, steps=steps, **extra)
             targets = (alias_targets(ctx, outputs, cfg) if teacher == "alias" else
                        gt_targets(ctx, search_masks, neg, q, m, cfg))
             t = time.perf_counter()
@@ -196,7 +197,7 @@ def trained_collateral(model, others) -> callable:
     return of
 
 
-def run_trained(name: str, preset: dict, log, preserve: float = 0.0, weights: str = "weights/small") -> list[dict]:
+def run_trained(name: str, preset: dict, log, extra: dict | None = None, weights: str = "weights/small") -> list[dict]:
     """One OOD concept of the training world on the trained small SAM3: alias found by gcg (the measured
     settings, default vocabulary) on the search images, adapters as in `adapt_rows`, held-out images with real
     ground truth, collateral on other concepts' labels with real ground truth."""
@@ -222,7 +223,7 @@ def run_trained(name: str, preset: dict, log, preserve: float = 0.0, weights: st
         f"(held-out; search {best.train_iou:.3f}; {time.perf_counter() - t0:.0f}s)")
     others = collateral_set(name, preset["collateral_images"], size)
     return adapt_rows(model, name, c.label, label, alias, base, search, held, trained_collateral(model, others),
-                      preset["kinds"], preset["steps"], preserve, log)
+                      preset["kinds"], preset["steps"], extra or {}, log)
 
 
 def verdict(rows: list[dict]) -> dict:
@@ -285,8 +286,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--budget", type=int, default=None, help="gcg budget for the alias search")
     ap.add_argument("--alias", choices=("search", "hidden"), default=None,
                     help="the teacher: a gcg-found alias (full) or the planted hidden sequence (quick)")
-    ap.add_argument("--preserve", type=float, default=0.0, help="AdaptConfig.w_preserve: keep random word "
-                                                                   "prompts' text features (0: off)")
+    ap.add_argument("--preserve", type=float, default=AdaptConfig.w_preserve,
+                    help="AdaptConfig.w_preserve (lora): keep other prompts' text features (0: off)")
+    ap.add_argument("--preserve-neighbours", type=float, default=AdaptConfig.preserve_neighbours,
+                    help="AdaptConfig.preserve_neighbours: the fraction of those prompts that share the label's tokens")
     ap.add_argument("--json", type=str, default=None)
     ap.add_argument("--out", type=str, default="benchmarks/out")
     a = ap.parse_args(argv)
@@ -300,18 +303,19 @@ def main(argv=None) -> dict:
     for k in ("steps", "budget", "alias"):
         if getattr(a, k) is not None:
             preset[k] = getattr(a, k)
+    extra = {"w_preserve": a.preserve, "preserve_neighbours": a.preserve_neighbours}
     t0 = time.perf_counter()
     rows = []
     if a.trained:
         for name in preset["concepts"]:
-            rows += run_trained(name, preset, print, a.preserve)
+            rows += run_trained(name, preset, print, extra)
     else:
         for p in preset["problems"]:
             rows += run_problem(p, preset["kinds"], preset["steps"], preset["budget"], preset["alias"], print,
-                                a.preserve)
+                                extra)
     res = {"categories": [{k: r[k] for k in ("category", "kind", "label_before", "label_after_alias",
                                              "label_after_gt", "alias", "collateral")} | r for r in rows],
-           "verdict": verdict(rows), "settings": {**preset, "w_preserve": a.preserve, "config": AdaptConfig().to_dict()},
+           "verdict": verdict(rows), "settings": {**preset, "config": AdaptConfig(**extra).to_dict()},
            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
            "wall_s": time.perf_counter() - t0}
     print(table(rows))

@@ -35,8 +35,8 @@ class AdaptConfig:
     or "lora" (low-rank updates W + scale * A @ B of the `targets` Dense kernels; base weights frozen).
     teacher: "alias" (distil the alias's outputs on the search images) or "gt" (the ground-truth masks).
     Loss (see `loss.image_loss`): w_query * query-logit BCE + w_presence * presence BCE + w_union * (BCE + dice
-    of the soft union mask); the gt teacher has no per-query target, so its w_query is 0. w_preserve > 0 adds
-    a term that keeps other prompts' text features in place (for lora: collateral damage on other words).
+    of the soft union mask); the gt teacher has no per-query target, so its w_query is 0. For lora, w_preserve > 0
+    adds a term that keeps other prompts' text features in place (less collateral damage on other words).
     """
 
     kind: str = "embed"
@@ -52,8 +52,11 @@ class AdaptConfig:
     w_query: float = 1.0
     w_presence: float = 1.0
     w_union: float = 1.0
-    w_preserve: float = 0.0  # > 0: also keep `preserve_prompts` random word prompts' features (trainer.make_step)
+    # lora only (an embed adapter never moves another prompt): > 0 also keeps `preserve_prompts` other prompts'
+    # features in place (trainer.preserve_batch); 10 measured better than 0 on every concept (benchmarks/RESULTS.md)
+    w_preserve: float = 10.0
     preserve_prompts: int = 64
+    preserve_neighbours: float = 0.5  # the fraction of them that share the label's tokens (trainer.label_neighbours)
     # the prediction rule's keep threshold (alias teacher's masks, label IoU before / after); `jalias adapt` sets
     # it to the run's --threshold (run.json), so the adapter learns the alias's masks as the search scored them
     threshold: float = 0.5
@@ -72,9 +75,9 @@ class AdaptConfig:
             raise AdaptError(f"learning rate must be > 0, got {self.lr_for()}")
         if not 0.0 <= self.threshold < 1.0:
             raise AdaptError(f"threshold must be in [0, 1), got {self.threshold}")
-        if self.w_preserve < 0 or self.preserve_prompts < 1:
-            raise AdaptError(f"need w_preserve >= 0 and preserve_prompts >= 1, got {self.w_preserve}, "
-                             f"{self.preserve_prompts}")
+        if self.w_preserve < 0 or self.preserve_prompts < 1 or not 0.0 <= self.preserve_neighbours <= 1.0:
+            raise AdaptError(f"need w_preserve >= 0, preserve_prompts >= 1 and preserve_neighbours in [0, 1], got "
+                             f"{self.w_preserve}, {self.preserve_prompts}, {self.preserve_neighbours}")
         if self.kind == "lora" and self.rank < 1:
             raise AdaptError(f"LoRA rank must be >= 1, got {self.rank}")
         self.target_patterns()

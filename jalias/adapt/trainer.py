@@ -55,20 +55,46 @@ def prompt_features(model: Sam3, kind: str, label_ids: Sequence[int], params: di
     return model.apply("text_features", ids, mask, params=merged), merged
 
 
-def preserve_batch(model: Sam3, cfg: AdaptConfig) -> dict | None:
-    """cfg.preserve_prompts random prompts of 1-4 common words (CLIP's most frequent whole-word tokens, seeded by
-    cfg.seed) and their base features: {"ids", "mask": int32[P, T], "base": float32[P, T, D]}; None when
-    cfg.w_preserve is 0. Their features' drift is the preservation term (see `make_step`)."""
-    if cfg.w_preserve <= 0:
+def preserve_batch(model: Sam3, cfg: AdaptConfig, label_ids: Sequence[int] = ()) -> dict | None:
+    """The prompts whose text features the preservation term keeps in place, and their base features:
+    {"ids", "mask": int32[P, T], "base": float32[P, T, D]}; None when cfg.w_preserve is 0.
+
+    P = cfg.preserve_prompts: for a multi-token label a fraction cfg.preserve_neighbours of them are its neighbours
+    (`label_neighbours`: its words in other company, the prompts a lora for this label is most likely to move),
+    the rest (all of them for a one-token label) random prompts of 1-4 common words (CLIP's most frequent whole-word tokens). Seeded by cfg.seed.
+    Their features' drift is the preservation term (see `make_step`). None for an embed adapter too: it changes
+    only the exact label, so the drift would be 0."""
+    if cfg.w_preserve <= 0 or cfg.kind == "embed":
         return None
     from ..data.planted import planted_vocab
 
     vocab = planted_vocab(2000)
     rng = np.random.default_rng([cfg.seed, 7])
-    prompts = [vocab[rng.integers(vocab.size, size=int(rng.integers(1, 5)))] for _ in range(cfg.preserve_prompts)]
+    n_near = int(round(cfg.preserve_prompts * cfg.preserve_neighbours)) if len(label_ids) else 0
+    prompts = label_neighbours(label_ids, vocab, n_near, np.random.default_rng([cfg.seed, 8]))
+    prompts += [vocab[rng.integers(vocab.size, size=int(rng.integers(1, 5)))]
+                for _ in range(cfg.preserve_prompts - len(prompts))]
     ids, mask = layout(prompts, model.config.context_length)
     return {"ids": jnp.asarray(ids), "mask": jnp.asarray(mask),
             "base": jnp.asarray(model.encode_text(ids, mask), jnp.float32)}
+
+
+def label_neighbours(label_ids: Sequence[int], vocab: np.ndarray, n: int, rng: np.random.Generator) -> list:
+    """Up to n prompts that share tokens with a multi-token label without containing it: each of its tokens alone,
+    then the label with one token swapped for a random vocabulary word ("blue triangle" -> "blue cargo", "pencil
+    triangle"). A lora that makes the label do something new tends to move exactly these (they share its tokens'
+    states). A one-token label has none: every prompt holding its token contains the label, and may change with it
+    (measured: keeping "tomato cargo" in place keeps "tomato" from learning, benchmarks/RESULTS.md)."""
+    label = [int(t) for t in label_ids]
+    if len(label) < 2:
+        return []
+    out = [[t] for t in label][:n]
+    while len(out) < n:
+        w = int(vocab[rng.integers(vocab.size)])
+        if w not in label:
+            pos = int(rng.integers(len(label)))
+            out.append(label[:pos] + [w] + label[pos + 1:])
+    return out
 
 
 def make_step(model: Sam3, cfg: AdaptConfig, label_ids: Sequence[int]) -> SimpleNamespace:
@@ -184,7 +210,7 @@ def train_adapter(model: Sam3, label_ids: Sequence[int], targets: Targets, cfg: 
     ids, mask = jnp.asarray(input_ids), jnp.asarray(mask)
     dmask = jnp.asarray(model.prompt_mask(input_ids, np.asarray(mask)))
     arrays, weights = targets.arrays(), jnp.asarray(targets.weights)
-    args = (model.params, ids, mask, dmask, targets.ctx, arrays, weights, preserve_batch(model, cfg))
+    args = (model.params, ids, mask, dmask, targets.ctx, arrays, weights, preserve_batch(model, cfg, label_ids))
 
     def save(done: int):
         if state_dir is not None:
