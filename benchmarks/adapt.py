@@ -288,8 +288,8 @@ def main(argv=None) -> dict:
                     help="the teacher: a gcg-found alias (full) or the planted hidden sequence (quick)")
     ap.add_argument("--preserve", type=float, default=AdaptConfig.w_preserve,
                     help="AdaptConfig.w_preserve (lora): keep other prompts' text features (0: off)")
-    ap.add_argument("--preserve-neighbours", type=float, default=AdaptConfig.preserve_neighbours,
-                    help="AdaptConfig.preserve_neighbours: the fraction of those prompts that share the label's tokens")
+    ap.add_argument("--preserve-neighbours", type=int, default=AdaptConfig.preserve_neighbours,
+                    help="AdaptConfig.preserve_neighbours: how many prompts sharing the label's tokens to keep too")
     ap.add_argument("--json", type=str, default=None)
     ap.add_argument("--out", type=str, default="benchmarks/out")
     a = ap.parse_args(argv)

@@ -260,34 +260,35 @@ def test_lora_merges_low_rank_updates_and_trains_adapter_params_only(model, data
 
 
 def test_preservation_set_holds_the_labels_neighbours(model):
-    """Half the preservation prompts (default) share a two-token label's tokens without containing it: each token
-    alone, then the label with one token swapped for a common word. A one-token label has no neighbours. The rest
-    are random common-word prompts, and every base feature is the base model's."""
+    """A lora's preservation prompts: first neighbours sharing a two-token label's tokens without containing it
+    (each token alone, then the label with one token swapped for a common word), then the random common-word
+    prompts, the same ones with or without neighbours. A one-token label has no neighbours; an embed adapter needs
+    no preservation set. Every base feature is the base model's."""
     from jalias.adapt.trainer import label_neighbours, preserve_batch
     from jalias.data.planted import planted_vocab
 
     vocab = planted_vocab(2000)
     two = [int(t) for t in encode("blue triangle")]
     near = label_neighbours(two, vocab, 12, np.random.default_rng(0))
-    assert near[:2] == [[two[0]], [two[1]]]
+    assert len(near) == 12 and near[:2] == [[two[0]], [two[1]]]
     for p in near[2:]:
         assert len(p) == 2 and p != two and sum(a == b for a, b in zip(p, two)) == 1
         assert all(t in two or t in vocab for t in p)
     assert {p[0] == two[0] for p in near[2:]} == {True, False}  # both positions get swapped
     assert label_neighbours(encode("heart"), vocab, 8, np.random.default_rng(0)) == []
-    cfg = AdaptConfig(kind="lora", w_preserve=1.0, preserve_prompts=8)
+    cfg = AdaptConfig(kind="lora", w_preserve=1.0, preserve_prompts=8, preserve_neighbours=4)
     keep = preserve_batch(model, cfg, two)
     ids, mask = np.asarray(keep["ids"]), np.asarray(keep["mask"]).astype(bool)
     rows = [[int(t) for t in r[m][1:-1]] for r, m in zip(ids, mask)]  # START ... END
-    assert sum(any(t in two for t in r) for r in rows[:4]) == 4 and two not in rows
+    assert len(rows) == 12 and all(any(t in two for t in r) for r in rows[:4]) and two not in rows
     np.testing.assert_array_equal(np.asarray(keep["base"]), np.asarray(model.encode_text(ids, keep["mask"]),
                                                                        np.float32))
-    # no neighbours (by the knob, or a one-token label): the same random prompts throughout
-    plain = np.asarray(preserve_batch(model, dataclasses.replace(cfg, preserve_neighbours=0.0), two)["ids"])
-    np.testing.assert_array_equal(plain, np.asarray(preserve_batch(model, cfg, encode("heart"))["ids"]))
-    np.testing.assert_array_equal(ids[4:], plain[:4])  # the random prompts follow the neighbours
+    plain = np.asarray(preserve_batch(model, dataclasses.replace(cfg, preserve_neighbours=0), two)["ids"])
+    np.testing.assert_array_equal(ids[4:], plain)  # the same random prompts after the neighbours
+    np.testing.assert_array_equal(np.asarray(preserve_batch(model, cfg, encode("heart"))["ids"]), plain)
+    assert preserve_batch(model, dataclasses.replace(cfg, kind="embed"), two) is None
     with pytest.raises(AdaptError, match="preserve_neighbours"):
-        dataclasses.replace(cfg, preserve_neighbours=1.5).validate()
+        dataclasses.replace(cfg, preserve_neighbours=-1).validate()
 
 
 # ---- the run's threshold, the export's targets, remat, warmup -----------------------------------------------------

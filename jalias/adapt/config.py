@@ -55,8 +55,8 @@ class AdaptConfig:
     # lora only (an embed adapter never moves another prompt): > 0 also keeps `preserve_prompts` other prompts'
     # features in place (trainer.preserve_batch); 10 measured better than 0 on every concept (benchmarks/RESULTS.md)
     w_preserve: float = 10.0
-    preserve_prompts: int = 64
-    preserve_neighbours: float = 0.5  # the fraction of them that share the label's tokens (trainer.label_neighbours)
+    preserve_prompts: int = 64  # random common-word prompts
+    preserve_neighbours: int = 32  # and prompts sharing a multi-token label's tokens (trainer.label_neighbours)
     # the prediction rule's keep threshold (alias teacher's masks, label IoU before / after); `jalias adapt` sets
     # it to the run's --threshold (run.json), so the adapter learns the alias's masks as the search scored them
     threshold: float = 0.5
@@ -75,8 +75,8 @@ class AdaptConfig:
             raise AdaptError(f"learning rate must be > 0, got {self.lr_for()}")
         if not 0.0 <= self.threshold < 1.0:
             raise AdaptError(f"threshold must be in [0, 1), got {self.threshold}")
-        if self.w_preserve < 0 or self.preserve_prompts < 1 or not 0.0 <= self.preserve_neighbours <= 1.0:
-            raise AdaptError(f"need w_preserve >= 0, preserve_prompts >= 1 and preserve_neighbours in [0, 1], got "
+        if self.w_preserve < 0 or self.preserve_prompts < 1 or self.preserve_neighbours < 0:
+            raise AdaptError(f"need w_preserve >= 0, preserve_prompts >= 1 and preserve_neighbours >= 0, got "
                              f"{self.w_preserve}, {self.preserve_prompts}, {self.preserve_neighbours}")
         if self.kind == "lora" and self.rank < 1:
             raise AdaptError(f"LoRA rank must be >= 1, got {self.rank}")

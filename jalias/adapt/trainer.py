@@ -59,9 +59,9 @@ def preserve_batch(model: Sam3, cfg: AdaptConfig, label_ids: Sequence[int] = ())
     """The prompts whose text features the preservation term keeps in place, and their base features:
     {"ids", "mask": int32[P, T], "base": float32[P, T, D]}; None when cfg.w_preserve is 0.
 
-    P = cfg.preserve_prompts: for a multi-token label a fraction cfg.preserve_neighbours of them are its neighbours
-    (`label_neighbours`: its words in other company, the prompts a lora for this label is most likely to move),
-    the rest (all of them for a one-token label) random prompts of 1-4 common words (CLIP's most frequent whole-word tokens). Seeded by cfg.seed.
+    For a multi-token label, cfg.preserve_neighbours of its neighbours (`label_neighbours`: its words in other
+    company, the prompts a lora for this label is most likely to move); then cfg.preserve_prompts random prompts
+    of 1-4 common words (CLIP's most frequent whole-word tokens). Seeded by cfg.seed.
     Their features' drift is the preservation term (see `make_step`). None for an embed adapter too: it changes
     only the exact label, so the drift would be 0."""
     if cfg.w_preserve <= 0 or cfg.kind == "embed":
@@ -70,10 +70,8 @@ def preserve_batch(model: Sam3, cfg: AdaptConfig, label_ids: Sequence[int] = ())
 
     vocab = planted_vocab(2000)
     rng = np.random.default_rng([cfg.seed, 7])
-    n_near = int(round(cfg.preserve_prompts * cfg.preserve_neighbours)) if len(label_ids) else 0
-    prompts = label_neighbours(label_ids, vocab, n_near, np.random.default_rng([cfg.seed, 8]))
-    prompts += [vocab[rng.integers(vocab.size, size=int(rng.integers(1, 5)))]
-                for _ in range(cfg.preserve_prompts - len(prompts))]
+    prompts = label_neighbours(label_ids, vocab, cfg.preserve_neighbours, np.random.default_rng([cfg.seed, 8]))
+    prompts += [vocab[rng.integers(vocab.size, size=int(rng.integers(1, 5)))] for _ in range(cfg.preserve_prompts)]
     ids, mask = layout(prompts, model.config.context_length)
     return {"ids": jnp.asarray(ids), "mask": jnp.asarray(mask),
             "base": jnp.asarray(model.encode_text(ids, mask), jnp.float32)}
