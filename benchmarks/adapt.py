@@ -60,9 +60,11 @@ from planted import method_config  # noqa: E402
 OTHER_LABELS = ("striped blob", "checkered star", "dotted ring", "zigzag crescent", "gridded hexagon",
                 "speckled cross", "striped star", "blob", "red star", "blue triangle", "tomato", "heart")
 PRESETS = {
-    "quick": dict(problems=[10, 11], kinds=["embed", "lora"], steps=150, budget=2000, alias="hidden"),
+    # steps: AdaptConfig's default, what `jalias adapt` runs
+    "quick": dict(problems=[10, 11], kinds=["embed", "lora"], steps=AdaptConfig.steps, budget=2000, alias="hidden"),
     # the trained small SAM3 (weights/small) on the OOD concepts the OOD benchmark found aliases for
-    "trained": dict(concepts=["tomato", "heart", "blue_triangle"], kinds=["embed", "lora"], steps=150, budget=1000,
+    "trained": dict(concepts=["tomato", "heart", "blue_triangle"], kinds=["embed", "lora"], steps=AdaptConfig.steps,
+                    budget=1000,
                     n_search=6, n_heldout=6, collateral_images=2),
     "full": dict(problems=[10, 11, 12, 13, 14, 15], kinds=["embed", "lora"], steps=300, budget=5000,
                  alias="search"),
@@ -96,12 +98,13 @@ def masks_of(model, images, ctx, prompts) -> np.ndarray:
     return np.stack(out, 1)
 
 
-def collateral(base_masks: np.ndarray, adapted, images, ctx, prompts) -> tuple[float, list[float]]:
-    """Mean over the other labels of (IoU with the adapter - IoU without), both against the base model's own
-    masks (so the second term is exactly 1)."""
+def collateral(base_masks: np.ndarray, adapted, images, ctx, prompts, names) -> tuple[float, dict]:
+    """(mean, {label: change}) over the other labels of (IoU with the adapter - IoU without), both against the
+    base model's own masks (so the second term is exactly 1)."""
     new = masks_of(adapted, images, ctx, prompts)
-    per = [float(np.mean([iou(a, b) for a, b in zip(new[n], base_masks[n])])) - 1.0 for n in range(len(prompts))]
-    return float(np.mean(per)), per
+    per = {names[n]: float(np.mean([iou(a, b) for a, b in zip(new[n], base_masks[n])])) - 1.0
+           for n in range(len(prompts))}
+    return float(np.mean(list(per.values()))), per
 
 
 def run_problem(p: int, kinds: list[str], steps: int, budget: int, alias_mode: str, log,
@@ -115,12 +118,14 @@ def run_problem(p: int, kinds: list[str], steps: int, budget: int, alias_mode: s
     label_before, alias_iou = score(model, *held, label), score(model, *held, alias)
     log(f"problem {p} ({prob.label!r}): label {label_before:.3f}, alias {detokenize(alias)!r} {alias_iou:.3f} "
         f"(held-out; {time.perf_counter() - t0:.0f}s)")
-    others = [encode(t) for t in OTHER_LABELS if encode(t) != label]
+    names = [t for t in OTHER_LABELS if encode(t) != label]
+    others = [encode(t) for t in names]
     held_ctx = image_contexts(model, prob.heldout_images)
     base_masks = masks_of(model, prob.heldout_images, held_ctx, others)
     base = {"label_before": label_before, "alias": alias_iou}
     return adapt_rows(model, f"planted-{p}", prob.label, label, alias, base, (prob.search_images, prob.search_masks),
-                      held, lambda adapted: collateral(base_masks, adapted, prob.heldout_images, held_ctx, others),
+                      held, lambda adapted: collateral(base_masks, adapted, prob.heldout_images, held_ctx, others,
+                                                       names),
                       kinds, steps, extra or {}, log)
 
 
@@ -150,7 +155,8 @@ def adapt_rows(model, category: str, label_text: str, label: list[int], alias: l
             row[f"label_after_{teacher}_search"] = score(adapted, search_images, search_masks, label)
             c, per = collateral_of(adapted)
             row["collateral" if teacher == "alias" else "collateral_gt"] = c
-            row[f"collateral_{teacher}_min"] = float(min(per))
+            row[f"collateral_{teacher}_min"] = float(min(per.values()))
+            row[f"collateral_{teacher}_per_label"] = per
             row[f"loss_{teacher}"] = [adapter.metrics["loss_first"], adapter.metrics["loss_last"]]
             row[f"seconds_{teacher}"] = secs
             row["adapter_params"] = adapter.num_params
@@ -183,6 +189,7 @@ def trained_collateral(model, others) -> callable:
     without) against their real ground truth (one Scorer per label: its image features are computed once)."""
     from jalias.train.evaluate import Scorer
 
+    names = [name for name, *_ in others]
     scorers = [(ids, Scorer(model, images, gts)) for _, ids, images, gts in others]
     before = [float(s(ids).mean()) for ids, s in scorers]
 
@@ -192,7 +199,7 @@ def trained_collateral(model, others) -> callable:
             s.model = adapted  # the adapters change only prompt-side weights: the cached image features hold
             per.append(float(s(ids).mean()) - b)
             s.model = model
-        return float(np.mean(per)), per
+        return float(np.mean(per)), dict(zip(names, per))
 
     return of
 

@@ -327,9 +327,9 @@ def adapt(
     rank: int = typer.Option(4, help="LoRA rank"),
     targets: str = typer.Option("text", help="LoRA targets: text | text+fusion | comma-separated fnmatch "
                                              "patterns over Dense module paths"),
-    preserve: float = typer.Option(10.0, help="lora: weight of keeping other prompts' text features in place "
-                                              "(the label's words in other company, random words): less collateral "
-                                              "damage; 0: off"),
+    preserve: float = typer.Option(100.0, help="lora: weight of keeping other prompts' text features in place "
+                                               "(the label's words in other company, random words): less collateral "
+                                               "damage; 0: off"),
     categories: str = typer.Option("all", help="comma-separated category names, or 'all'"),
     out: Optional[Path] = typer.Option(None, help="output folder (default RUN_DIR/adapters/KIND-TEACHER)"),
     resume: bool = typer.Option(False, help="keep finished adapters, continue an interrupted one"),

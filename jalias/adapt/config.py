@@ -53,8 +53,8 @@ class AdaptConfig:
     w_presence: float = 1.0
     w_union: float = 1.0
     # lora only (an embed adapter never moves another prompt): > 0 also keeps `preserve_prompts` other prompts'
-    # features in place (trainer.preserve_batch); 10 measured better than 0 on every concept (benchmarks/RESULTS.md)
-    w_preserve: float = 10.0
+    # features in place (trainer.preserve_batch); 100 measured better than 10 and 0 (benchmarks/RESULTS.md)
+    w_preserve: float = 100.0
     preserve_prompts: int = 64  # random common-word prompts
     preserve_neighbours: int = 32  # and prompts sharing a multi-token label's tokens (trainer.label_neighbours)
     # the prediction rule's keep threshold (alias teacher's masks, label IoU before / after); `jalias adapt` sets
