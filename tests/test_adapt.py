@@ -291,6 +291,26 @@ def test_preservation_set_holds_the_labels_neighbours(model):
         dataclasses.replace(cfg, preserve_neighbours=-1).validate()
 
 
+def test_adapt_warns_when_the_alias_loses_held_out():
+    """The alias teacher is trained on any alias that beat the label on the search images; where it does not beat
+    the label held-out, `jalias adapt` says so (distilling such aliases lowered the label in benchmarks/adapt.py)."""
+    from jalias.run.adapt import _choose
+
+    rows = [{"category": "a", "alias_beat_label": True, "label_iou_heldout": 0.6, "alias_iou_heldout": 0.58},
+            {"category": "b", "alias_beat_label": True, "label_iou_heldout": 0.1, "alias_iou_heldout": 0.5},
+            {"category": "c", "alias_beat_label": True, "label_iou_heldout": None, "alias_iou_heldout": None},
+            {"category": "d", "alias_beat_label": False, "label_iou_heldout": 0.2, "alias_iou_heldout": 0.2}]
+    for cats in (None, ["a", "b"]):
+        notes = []
+        chosen = _choose(rows, cats, "alias", notes.append)
+        assert [r["category"] for r in chosen] == (["a", "b", "c"] if cats is None else ["a", "b"])
+        warned = [n for n in notes if n.startswith("warning")]
+        assert warned == ["warning: a: the alias does not beat the label on held-out images (alias 0.580, label "
+                          "0.600); the adapter may lower the label's held-out IoU"]
+    notes = []
+    assert len(_choose(rows, None, "gt", notes.append)) == 4 and notes == []  # the gt teacher needs no alias
+
+
 # ---- the run's threshold, the export's targets, remat, warmup -----------------------------------------------------
 def _sig(x):
     return 1 / (1 + np.exp(-np.asarray(x, np.float64)))

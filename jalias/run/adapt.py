@@ -169,6 +169,7 @@ def _choose(finished: list[dict], categories: Sequence[str] | None, teacher: str
             if bad:
                 raise AdaptError(f"category {bad[0]['category']!r} has no alias (no alias beat the label): "
                                  f"nothing to distil; use --teacher gt or search again")
+            _warn_heldout(chosen, log)
         return chosen
     if teacher != "alias":
         return list(finished)
@@ -179,7 +180,18 @@ def _choose(finished: list[dict], categories: Sequence[str] | None, teacher: str
     if not chosen:
         raise AdaptError("no category of the run has an alias (no alias beat the label anywhere): nothing to "
                          "distil; use --teacher gt or search again")
+    _warn_heldout(chosen, log)
     return chosen
+
+
+def _warn_heldout(chosen: list[dict], log) -> None:
+    """A warning per category whose alias beat the label on the search images but not on the held-out ones:
+    distilling it lowered the label's held-out IoU wherever that was measured (benchmarks/RESULTS.md)."""
+    for r in chosen:
+        label, alias = r.get("label_iou_heldout"), r.get("alias_iou_heldout")
+        if label is not None and alias is not None and alias <= label:
+            log(f"warning: {r['category']}: the alias does not beat the label on held-out images (alias "
+                f"{alias:.3f}, label {label:.3f}); the adapter may lower the label's held-out IoU")
 
 
 def _f(x) -> str:
