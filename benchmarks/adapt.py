@@ -280,9 +280,9 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv=None) -> dict:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="2 problems, 150 steps, the hidden sequence as alias "
+    ap.add_argument("--quick", action="store_true", help="2 problems, default steps, the hidden sequence as alias "
                                                          "(<= 5 min)")
     ap.add_argument("--trained", action="store_true", help="the trained small SAM3 (weights/small) on OOD concepts "
                                                            "of the training world, real ground truth throughout")
@@ -299,7 +299,11 @@ def main(argv=None) -> dict:
                     help="AdaptConfig.preserve_neighbours: how many prompts sharing the label's tokens to keep too")
     ap.add_argument("--json", type=str, default=None)
     ap.add_argument("--out", type=str, default="benchmarks/out")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> dict:
+    a = parser().parse_args(argv)
     preset = dict(PRESETS["trained" if a.trained else "quick" if a.quick else "full"])
     if a.concepts:
         preset["concepts"] = a.concepts.split(",")

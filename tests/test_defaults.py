@@ -119,3 +119,23 @@ def test_default_dtype_lives_in_one_function_read_by_every_default(monkeypatch):
         assert option.default is None and "float32 on every backend" in option.help
     monkeypatch.setattr(layers, "default_dtype", lambda backend=None: "bfloat16")  # as if bf16 were measured equal
     assert model.load_model("tiny")[0].dtype == jnp.bfloat16
+
+
+def test_adapter_defaults_are_what_the_adapter_benchmark_measured():
+    """`jalias adapt` (CLI and Python) and benchmarks/adapt.py's --quick and --trained presets use one
+    AdaptConfig: the same steps and LoRA preservation weight that RESULTS.md reports."""
+    import inspect
+
+    from jalias.adapt import AdaptConfig
+    from jalias.cli import adapt as adapt_cli
+
+    spec = importlib.util.spec_from_file_location("adapt_bench", ROOT / "benchmarks" / "adapt.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["adapt_bench"] = bench
+    spec.loader.exec_module(bench)
+    cfg = AdaptConfig()
+    assert bench.PRESETS["quick"]["steps"] == bench.PRESETS["trained"]["steps"] == cfg.steps
+    params = inspect.signature(adapt_cli).parameters
+    assert params["preserve"].default.default == cfg.w_preserve and params["steps"].default.default is None
+    args = bench.parser().parse_args([])
+    assert args.preserve == cfg.w_preserve and args.preserve_neighbours == cfg.preserve_neighbours
