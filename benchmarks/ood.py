@@ -122,7 +122,7 @@ def print_table(summary: dict, concepts: list[dict], budgets: list[int]) -> None
     t.add_column("method")
     for b in budgets:
         t.add_column(f"@{b:,}", justify="right")
-    for col in ("held-out", f"gain", f"evals to label+{GAIN}", "reached", "s/run"):
+    for col in ("held-out", "gain", f"evals to label+{GAIN}", "reached", "s/run"):
         t.add_column(col, justify="right")
     for m, r in summary["methods"].items():
         e = "not reached" if r["evals_to_gain"] is None else f"{r['evals_to_gain']:,.0f}"

@@ -28,7 +28,7 @@ from jalias.run.pipeline import KILL_ENV, SimulatedKill
 from jalias.run.rundir import RunDir
 from jalias.run.splits import rebuild_inputs
 from jalias.cli import app
-from jalias.data import iou as mask_iou, load_coco, make_dataset, write_coco
+from jalias.data import load_coco, make_dataset, write_coco
 from jalias.tokenizer import detokenize, encode
 
 RUNNER = CliRunner()
