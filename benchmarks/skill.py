@@ -66,14 +66,25 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
-    model = load(a.weights, dtype="float32")
+    res = {"weights": a.weights, **diagnose(load(a.weights, dtype="float32"), a.images),
+           "machine": f"{platform.machine()}", "wall_s": time.perf_counter() - t0}
+    print(table(res["summary"]))
+    print(f"wall {res['wall_s']:.0f}s")
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(res, indent=1))
+    return res
+
+
+def diagnose(model, n_images: int = 8) -> dict:
+    """{"images", "thresholds", "concepts": per-concept rows, "summary"} of a model (see the module doc)."""
     size = model.config.image_size
     firsts = {c.name: world.concept_scene(0, c, 0, size) for c in world.ID_CONCEPTS}
     cache: dict = {}
     rows = []
     for c in world.ID_CONCEPTS:
         ids = [int(t) for t in encode(c.label)]
-        images, masks = concept_images(c, a.images, size, 0)
+        images, masks = concept_images(c, n_images, size, 0)
         pos = []
         for k, (im, gt) in enumerate(zip(images, masks)):
             o = outputs(model, im, ids, cache, (c.name, k))
@@ -84,18 +95,11 @@ def main(argv=None) -> dict:
                 "top_score": float(o["scores"].max()),
             })
         negs = [(n, sc.image) for n, sc in firsts.items()
-                if n != c.name and not any(i.concept == c.name for i in sc.instances)][:a.images]
+                if n != c.name and not any(i.concept == c.name for i in sc.instances)][:n_images]
         neg = [outputs(model, im, ids, cache, (n, 0)) for n, im in negs]
         rows.append({"concept": c.name, "pos": pos, "neg_top_scores": [float(o["scores"].max()) for o in neg],
                      "neg_empty": {t: [not rule_mask(o, t, size).any() for o in neg] for t in THRESHOLDS}})
-    res = {"weights": a.weights, "images": a.images, "thresholds": list(THRESHOLDS), "concepts": rows,
-           "summary": summary(rows), "machine": f"{platform.machine()}", "wall_s": time.perf_counter() - t0}
-    print(table(res["summary"]))
-    print(f"wall {res['wall_s']:.0f}s")
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(res, indent=1))
-    return res
+    return {"images": n_images, "thresholds": list(THRESHOLDS), "concepts": rows, "summary": summary(rows)}
 
 
 def summary(rows: list[dict]) -> dict:
