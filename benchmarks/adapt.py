@@ -25,6 +25,10 @@ trained on those and measured on 6 held-out scenes; collateral is the mean chang
 concepts' label IoU against their real ground truth (every ID concept sharing a word with the label, up to 12
 more ID concepts, the other 10 OOD concepts; 2 fresh scenes each).
 
+Adapters use `AdaptConfig`'s defaults, what `jalias adapt` runs: an embed adapter learns as many rows as the
+alias has tokens and the alias teacher pulls the label's prompt features to the alias's (`--length label` and
+`--features 0` give the earlier recipe: one row per label token, image terms only).
+
 Targets (the issue's): label_after_alias >= 0.9 x alias where an alias was found; collateral >= -0.02 (embed:
 exactly 0); and the answer to "alias teacher vs gt teacher at equal steps".
 
@@ -133,7 +137,7 @@ def adapt_rows(model, category: str, label_text: str, label: list[int], alias: l
                held, collateral_of, kinds: list[str], steps: int, extra: dict, log) -> list[dict]:
     """Per adapter kind: an alias-teacher and a gt-teacher adapter for `label` trained on the search images
     (equal steps, same optimiser), measured on the held-out images; collateral_of(adapted) -> (mean, per label).
-    extra: AdaptConfig fields beyond kind/teacher/steps (w_preserve, preserve_neighbours)."""
+    extra: AdaptConfig fields beyond kind/teacher/steps (w_preserve, preserve_neighbours, length: embed only)."""
     search_images, search_masks = search
     neg = [not m.any() for m in search_masks]
     ctx = image_contexts(model, search_images)
@@ -142,13 +146,16 @@ def adapt_rows(model, category: str, label_text: str, label: list[int], alias: l
     rows = []
     for kind in kinds:
         row = {"category": category, "label": label_text, "kind": kind, "steps": steps,
-               "alias_text": detokenize(alias), **base, "w_preserve": extra.get("w_preserve", 0.0)}
+               "alias_text": detokenize(alias), **base, "w_preserve": extra.get("w_preserve", 0.0),
+               "length": extra.get("length", 0) if kind == "embed" else None}
         for teacher in ("alias", "gt"):
-            cfg = AdaptConfig(kind=kind, teacher=teacher, steps=steps, **extra)
+            own = {k: v for k, v in extra.items() if kind == "embed" or k != "length"}  # length: embed rows
+            cfg = AdaptConfig(kind=kind, teacher=teacher, steps=steps, **own)
             targets = (alias_targets(ctx, outputs, cfg) if teacher == "alias" else
                        gt_targets(ctx, search_masks, neg, q, m, cfg))
             t = time.perf_counter()
-            adapter = train_adapter(model, label, targets, cfg, label=label_text, progress=False)
+            adapter = train_adapter(model, label, targets, cfg, label=label_text, progress=False,
+                                    alias_length=len(alias))
             secs = time.perf_counter() - t
             adapted = apply_adapters(model, [adapter])
             row[f"label_after_{teacher}"] = score(adapted, *held, label)
@@ -297,6 +304,13 @@ def parser() -> argparse.ArgumentParser:
                     help="AdaptConfig.w_preserve (lora): keep other prompts' text features (0: off)")
     ap.add_argument("--preserve-neighbours", type=int, default=AdaptConfig.preserve_neighbours,
                     help="AdaptConfig.preserve_neighbours: how many prompts sharing the label's tokens to keep too")
+    ap.add_argument("--length", type=str, default={0: "label", -1: "alias"}.get(AdaptConfig.length,
+                                                                               str(AdaptConfig.length)),
+                    help="AdaptConfig.length (embed rows): label (one per label token) | alias (as many as the "
+                         "alias's tokens) | N")
+    ap.add_argument("--features", type=float, default=AdaptConfig.w_features,
+                    help="AdaptConfig.w_features (alias teacher): pull the label's prompt features to the alias's "
+                         "where the lengths match (embed with --length alias)")
     ap.add_argument("--json", type=str, default=None)
     ap.add_argument("--out", type=str, default="benchmarks/out")
     return ap
@@ -314,7 +328,9 @@ def main(argv=None) -> dict:
     for k in ("steps", "budget", "alias"):
         if getattr(a, k) is not None:
             preset[k] = getattr(a, k)
-    extra = {"w_preserve": a.preserve, "preserve_neighbours": a.preserve_neighbours}
+    length = {"label": 0, "alias": -1}.get(a.length)
+    extra = {"w_preserve": a.preserve, "preserve_neighbours": a.preserve_neighbours,
+             "length": int(a.length) if length is None else length, "w_features": a.features}
     t0 = time.perf_counter()
     rows = []
     if a.trained:

@@ -321,6 +321,8 @@ def train(
 def adapt(
     run_dir: Path = typer.Argument(..., help="a run directory written by `jalias search` or `jalias demo`"),
     kind: str = typer.Option("embed", help="embed (replacement embeddings of the label's tokens) | lora"),
+    length: str = typer.Option("alias", help="embed: how many learned embeddings replace the label: alias (as "
+                                              "many as the alias has tokens) | label (one per label token) | N"),
     teacher: str = typer.Option("alias", help="alias (distil the found alias) | gt (the ground-truth masks)"),
     steps: Optional[int] = typer.Option(None, help="optimiser steps per category (default 200)"),
     lr: Optional[float] = typer.Option(None, help="learning rate (default 0.05 embed, 0.005 lora)"),
@@ -340,8 +342,9 @@ def adapt(
     from .run.adapt import adapt_run
 
     summary = adapt_run(run_dir, kind=kind, teacher=teacher, steps=steps, lr=lr, out=out, resume=resume,
-                        categories=_categories(categories), config=AdaptConfig(rank=rank, alpha=float(rank),
-                                                                               targets=targets, w_preserve=preserve),
+                        categories=_categories(categories),
+                        config=AdaptConfig(rank=rank, alpha=float(rank), targets=targets, w_preserve=preserve,
+                                           length=_embed_length(length)),
                         progress=not no_progress, log=lambda m: typer.echo(m, err=True))
     from rich.table import Table
 
@@ -355,6 +358,17 @@ def adapt(
                       f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}")
     _console().print(table)
     typer.echo(f"adapters: {Path(summary['categories'][0]['adapter']).parent if summary['categories'] else '-'}")
+
+
+def _embed_length(text: str) -> int:
+    """--length: label -> 0, alias -> -1, N -> N (AdaptConfig.length); BadParameter otherwise."""
+    named = {"label": 0, "alias": -1}
+    if text in named:
+        return named[text]
+    try:
+        return int(text)
+    except ValueError:
+        raise typer.BadParameter(f"--length must be label, alias or a number of rows, got {text!r}") from None
 
 
 def main() -> None:  # pragma: no cover - console entry point alternative

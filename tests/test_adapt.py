@@ -22,6 +22,7 @@ import jalias
 from jalias.adapt import (AdaptConfig, AdaptedSam3, AdaptError, alias_targets, apply_adapters, gt_targets,
                           image_contexts, load_adapter, make_step, save_adapter, teacher_outputs, train_adapter)
 from jalias.adapt.adapters import Adapter, fresh_lora, lora_targets, model_fingerprint
+from jalias.adapt.trainer import label_layout
 from jalias.cli import app
 from jalias.data import iou, load_coco, make_dataset, write_coco
 from jalias.engine import Engine
@@ -78,7 +79,8 @@ def data(run, model):
 @pytest.fixture(scope="module")
 def trained(model, data):
     return train_adapter(model, data["label"], alias_targets(data["ctx"], data["outputs"], CFG), CFG,
-                         label="striped blob", category="striped_blob", progress=False)
+                         label="striped blob", category="striped_blob", progress=False,
+                         alias_length=len(data["alias"]))  # as `jalias adapt` does
 
 
 def _outputs(m: Sam3, prompts, ctx):
@@ -131,6 +133,80 @@ def test_embed_leaves_other_prompts_bit_identical(model, data):
         np.testing.assert_array_equal(e_new.score(np.asarray([p])), e_base.score(np.asarray([p])))
 
 
+def test_embed_with_more_rows_than_the_label_tokens(model, data):
+    """An embed adapter of N != Ll rows: the label's prompt becomes START rows END (mask N + 2) everywhere a
+    prompt is laid out. With the alias's own token embeddings as rows, the adapted label is the alias on the base
+    model: features, detector outputs and engine IoUs; other prompts stay bit-identical, also when the rows need a
+    longer text bucket than the engine would run (alias of 7 tokens: 9 positions > 8)."""
+    label = data["label"]
+    table = np.asarray(model.apply("token_table"))
+    fp = model_fingerprint(model)
+    alias = list(data["alias"]) + list(data["alias"]) + [int(data["alias"][0])]  # 7 tokens
+    assert len(alias) != len(label)
+    for cand in (list(data["alias"]), alias):
+        adapted = apply_adapters(model, [Adapter("embed", "striped blob", tuple(label), {"rows": table[cand]}, fp)])
+        got, want = _outputs(adapted, [label], data["ctx"]), _outputs(model, [cand], data["ctx"])
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], rtol=0, atol=1e-5, err_msg=k)
+        args = (data["images"], data["all_gts"])
+        e_new = Engine(adapted, *args, negative=data["all_neg"])
+        e_base = Engine(model, *args, negative=data["all_neg"], prefix_cache=False)
+        np.testing.assert_allclose(e_new.score(np.asarray([label])), e_base.score(np.asarray([cand])), atol=1e-6)
+        for other in (encode("striped star"), label[:1], [label[-1], label[0]], list(data["alias"])):
+            np.testing.assert_array_equal(e_new.score(np.asarray([other])), e_base.score(np.asarray([other])))
+        assert not np.allclose(got["features"][0, :4], _outputs(model, [label], data["ctx"])["features"][0, :4])
+    # trained with as many rows as the alias (AdaptConfig.length = -1): init = the label's rows, each repeated
+    cfg = AdaptConfig(steps=8, length=-1)
+    targets = alias_targets(data["ctx"], data["outputs"], cfg)
+    no_alias = train_adapter(model, label, targets, dataclasses.replace(cfg, steps=0), progress=False)
+    assert no_alias.params["rows"].shape == (len(label), table.shape[1])  # no alias given: the label's count
+    ad = train_adapter(model, label, targets, cfg, progress=False, alias_length=len(alias))
+    assert ad.params["rows"].shape == (len(alias), table.shape[1])
+    assert ad.metrics["loss_last"] < ad.metrics["losses"][0]
+    fresh = train_adapter(model, label, targets, dataclasses.replace(cfg, steps=0), progress=False,
+                          alias_length=len(alias))
+    spread = [label[(i * len(label)) // len(alias)] for i in range(len(alias))]
+    np.testing.assert_array_equal(fresh.params["rows"], table[spread])
+    for bad in (dict(length=-2), dict(length=31)):
+        with pytest.raises(AdaptError, match="length"):
+            AdaptConfig(**bad).validate()
+
+
+def test_feature_term_pulls_the_label_to_the_alias_features(model, data):
+    """w_features: the relative squared distance of the label's prompt features to the alias's, over the alias's
+    valid positions; 0 at the alias's own embeddings; on only when the two prompts have the same length."""
+    label, alias = data["label"], list(data["alias"])
+    cfg = CFG  # the defaults: length -1 (the alias's), w_features 100
+    targets = alias_targets(data["ctx"], data["outputs"], cfg)
+    step = make_step(model, cfg, label)
+    lay = label_layout(model, label, len(alias))
+    feat = {**targets.feature_target(int(lay[1].sum())), "on": 1.0}
+    table = np.asarray(model.apply("token_table"))
+    ids, mask = layout([alias], model.config.context_length)
+    want = np.asarray(model.encode_text(ids, mask), np.float64)[0]
+    for rows, expect in ((table[alias], 0.0), (table[[label[0]] * len(alias)], None)):
+        parts = np.asarray(step.loss({"rows": rows}, model.params, *lay, targets.ctx, targets.arrays(),
+                                     targets.weights, None, feat)[1])
+        lids, lmask = layout([[label[0]] * len(alias)], model.config.context_length)
+        got = np.asarray(model.encode_text(lids, lmask), np.float64)[0] if expect is None else want
+        m = mask[0, :, None]
+        gap = ((got - want) ** 2 * m).sum() / (want ** 2 * m).sum()
+        assert parts[4] == pytest.approx(gap, rel=1e-4, abs=1e-7)
+    assert parts[4] > 0.01
+    spread = table[[label[(i * len(label)) // len(alias)] for i in range(len(alias))]]  # the fresh adapter
+    start = float(step.loss({"rows": spread}, model.params, *lay, targets.ctx, targets.arrays(), targets.weights,
+                            None, feat)[1][4])
+    ad = train_adapter(model, label, targets, cfg, progress=False, alias_length=len(alias))
+    assert ad.metrics["feature_term"] and ad.metrics["loss_parts_last"][4] < 0.5 * start, (start, ad.metrics)
+    # not applicable: the label keeps its own length (!= the alias's), or the gt teacher (no alias features)
+    off = train_adapter(model, label, targets, dataclasses.replace(cfg, length=0, steps=1), progress=False)
+    gt = gt_targets(data["ctx"], data["gts"], data["neg"], model.config.decoder.num_queries,
+                    4 * model.config.vision.backbone.grid, cfg)
+    off_gt = train_adapter(model, label, gt, dataclasses.replace(cfg, steps=1), progress=False,
+                           alias_length=len(alias))
+    assert not off.metrics["feature_term"] and not off_gt.metrics["feature_term"]
+
+
 def test_training_lowers_the_distillation_loss(model, data, trained):
     losses = trained.metrics["losses"]
     assert len(losses) == STEPS and trained.metrics["loss_last"] < 0.97 * losses[0], losses
@@ -148,7 +224,8 @@ def test_loss_matches_a_numpy_restatement(model, data):
     step = make_step(model, CFG, data["label"])
     ids, mask = layout([data["label"]], model.config.context_length)
     rows = np.asarray(model.apply("embed_tokens", ids[:, 1:1 + len(data["label"])]))[0]
-    loss, _ = step.loss({"rows": rows}, model.params, ids, mask, model.prompt_mask(ids, mask), targets.ctx,
+    # the step sees the label's slot layout (START, slot ids, END) and reads the rows for the slots
+    loss, _ = step.loss({"rows": rows}, model.params, *label_layout(model, data["label"], len(rows)), targets.ctx,
                         targets.arrays(), targets.weights)
     prompt = model.encode_text(ids, mask)
     sig = lambda x: 1 / (1 + np.exp(-x.astype(np.float64)))  # noqa: E731
@@ -177,7 +254,8 @@ def test_gt_and_alias_teachers_share_one_step(model, data, trained):
     gcfg = AdaptConfig(steps=STEPS, teacher="gt")
     step = make_step(model, gcfg, data["label"])
     assert step is make_step(model, CFG, data["label"])
-    adapter = train_adapter(model, data["label"], gt, gcfg, progress=False)
+    adapter = train_adapter(model, data["label"], gt, gcfg, progress=False, alias_length=len(data["alias"]))
+    assert not adapter.metrics["feature_term"]  # the gt teacher has no alias features: the term is switched off
     assert step.step._cache_size() == 1  # one compiled program served both teachers
     assert adapter.teacher == "gt" and adapter.metrics["loss_last"] < adapter.metrics["losses"][0]
 
@@ -200,16 +278,18 @@ def test_save_load_eval_equals_in_memory(model, data, trained, tmp_path):
 def test_resume_equals_uninterrupted(model, data, trained, tmp_path):
     targets = alias_targets(data["ctx"], data["outputs"], CFG)
     with pytest.raises(KeyboardInterrupt):
-        train_adapter(model, data["label"], targets, CFG, state_dir=tmp_path / "st", progress=False, stop_after=11)
+        train_adapter(model, data["label"], targets, CFG, state_dir=tmp_path / "st", progress=False, stop_after=11,
+                      alias_length=len(data["alias"]))
     assert json.loads((tmp_path / "st" / "state.json").read_text())["step"] == 11
     resumed = train_adapter(model, data["label"], targets, CFG, state_dir=tmp_path / "st", resume=True,
-                            progress=False)
+                            progress=False, alias_length=len(data["alias"]))
     np.testing.assert_array_equal(resumed.params["rows"], trained.params["rows"])
     assert resumed.metrics["losses"] == trained.metrics["losses"]
     with pytest.raises(AdaptError, match="another teacher"):
         gt = gt_targets(data["ctx"], data["gts"], data["neg"], model.config.decoder.num_queries,
                         4 * model.config.vision.backbone.grid, CFG)
-        train_adapter(model, data["label"], gt, CFG, state_dir=tmp_path / "st", resume=True, progress=False)
+        train_adapter(model, data["label"], gt, CFG, state_dir=tmp_path / "st", resume=True, progress=False,
+                      alias_length=len(data["alias"]))
 
 
 def test_adapter_for_another_model_is_refused(model, trained):
@@ -407,8 +487,8 @@ def test_remat_gives_the_same_loss_and_gradients(model, data):
     """AdaptConfig.remat (each image's detect pass rematerialised in the backward pass) changes memory, not
     values: loss and gradients equal with it on and off, and the compiled gradient program needs less temp memory."""
     targets = alias_targets(data["ctx"], data["outputs"], CFG)
-    ids, mask = layout([data["label"]], model.config.context_length)
-    args = (model.params, ids, mask, model.prompt_mask(ids, mask), targets.ctx, targets.arrays(), targets.weights)
+    args = (model.params, *label_layout(model, data["label"], len(data["label"])), targets.ctx, targets.arrays(),
+            targets.weights)
     rows = np.random.default_rng(0).normal(0, 0.05, (len(data["label"]), model.config.text.hidden_size))
     params = {"rows": jax.numpy.asarray(rows, jax.numpy.float32)}
     got, temp = {}, {}

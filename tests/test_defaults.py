@@ -123,7 +123,8 @@ def test_default_dtype_lives_in_one_function_read_by_every_default(monkeypatch):
 
 def test_adapter_defaults_are_what_the_adapter_benchmark_measured():
     """`jalias adapt` (CLI and Python) and benchmarks/adapt.py's --quick and --trained presets use one
-    AdaptConfig: the same steps and LoRA preservation weight that RESULTS.md reports."""
+    AdaptConfig: the same steps, LoRA preservation weight, embed length and feature weight that RESULTS.md
+    reports."""
     import inspect
 
     from jalias.adapt import AdaptConfig
@@ -139,3 +140,8 @@ def test_adapter_defaults_are_what_the_adapter_benchmark_measured():
     assert params["preserve"].default.default == cfg.w_preserve and params["steps"].default.default is None
     args = bench.parser().parse_args([])
     assert args.preserve == cfg.w_preserve and args.preserve_neighbours == cfg.preserve_neighbours
+    # embed: as many rows as the alias has tokens, pulled to its prompt features (CLI, Python and benchmark)
+    from jalias.cli import _embed_length
+
+    assert _embed_length(params["length"].default.default) == cfg.length == _embed_length(args.length) == -1
+    assert args.features == cfg.w_features

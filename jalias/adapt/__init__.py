@@ -7,15 +7,15 @@ updates). Layer: imports model, engine, data; `jalias.run` and the CLI import it
     jalias.adapt("runs/x", kind="embed", teacher="alias")                 # the module is callable: adapt_run
 """
 
-from .adapters import Adapter, AdaptedSam3, apply_adapters, model_fingerprint, substitute
+from .adapters import Adapter, AdaptedSam3, apply_adapters, expand_label, model_fingerprint, slot_lookup
 from .config import KINDS, LORA_PRESETS, TEACHERS, AdaptConfig, AdaptError
 from .loss import Targets, alias_targets, gt_targets, image_contexts, image_loss, teacher_outputs
 from .store import load, load_adapter, load_adapters, read_card, save_adapter
 from .trainer import make_step, train_adapter
 
 __all__ = ["Adapter", "AdaptedSam3", "AdaptConfig", "AdaptError", "KINDS", "LORA_PRESETS", "TEACHERS", "Targets",
-           "alias_targets", "apply_adapters", "gt_targets", "image_contexts", "image_loss", "load", "load_adapter",
-           "load_adapters", "make_step", "model_fingerprint", "read_card", "save_adapter", "substitute",
+           "alias_targets", "apply_adapters", "expand_label", "gt_targets", "image_contexts", "image_loss", "load", "load_adapter",
+           "load_adapters", "make_step", "model_fingerprint", "read_card", "save_adapter", "slot_lookup",
            "teacher_outputs", "train_adapter"]
 
 # `jalias.adapt(run_dir, ...)` calls jalias.run.adapt.adapt_run (the top-level package owns that indirection)

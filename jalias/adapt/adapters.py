@@ -1,18 +1,22 @@
 """Adapters and the adapted model: what an adapter is, how it changes SAM3, and the model fingerprint.
 
-`embed`: replacement token embeddings rows float32[Ll, Ct] for the label's Ll content tokens. They are used only
-    in a prompt that is exactly the label (START label END, then padding): `substitute` swaps those Ll rows after
-    the token lookup, in every path that looks tokens up (`Sam3Module.embed_tokens`, also when called inside
-    `text_features` / `__call__`, via a Flax method interceptor). Every other prompt, including ones that share a
-    token with the label ("red star" next to an adapter for "red ring"), takes the unchanged rows: its outputs are
-    bit-identical. Several embed adapters compose (one per label).
+`embed`: N learned token embeddings float32[N, Ct] that replace the label's Ll content tokens (N = Ll by default,
+    or more: `AdaptConfig.length`, e.g. as many as the alias has). They are used only in a prompt that is exactly
+    the label (START label END, then padding): `expand_label` rewrites such a row of ids / attention mask into
+    START s_1..s_N END (s_i: slot ids >= the vocabulary size, which no real prompt can hold), in every path that
+    lays a prompt out for the text encoder or the detector (`text_features`, `__call__`, `prompt_mask`), and
+    `slot_lookup` gives a slot id its learned row at token lookup (`Sam3Module.embed_tokens`, via a Flax method
+    interceptor). Every other prompt, including ones that share a token with the label ("red star" next to an
+    adapter for "red ring"), keeps its ids, mask and rows: its outputs are bit-identical. Several embed adapters
+    compose (one per label; each gets its own slot ids).
 `lora`: per target Dense kernel W [in, out], A float32[in, r] and B float32[r, out]; the adapted kernel is
     W + (alpha / r) * A @ B (merged once into a copy of those kernels; the rest of the params are shared).
     B starts at 0, so a fresh adapter is the base model.
 
 An `AdaptedSam3` is a `Sam3` (same API: engines, predict, export all take it). Its embed rows make a prompt's
 embeddings depend on the whole prompt, so the engine's text-prefix KV cache (which reuses another prompt's
-prefix) is off for it (`prefix_cacheable`).
+prefix) is off for it (`prefix_cacheable`), and the engine runs the text encoder over at least
+`min_text_width` positions (room for the longest replacement).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import ml_dtypes
 import numpy as np
 
 from ..model.sam3 import Sam3, Sam3Module
-from ..tokenizer import END_ID, START_ID
+from ..tokenizer import END_ID, PAD_ID, START_ID
 from .config import PROMPT_SIDE, AdaptError
 
 FINGERPRINT_SAMPLES = 4096
@@ -84,30 +88,51 @@ def model_fingerprint(model: Sam3) -> str:
 
 # ----------------------------------------------------------------------------------------------------------------
 # embed
-def label_match(ids: jax.Array, label_ids: Sequence[int]) -> jax.Array:
-    """ids int[B, T] -> bool[B]: the row is exactly START label END (then anything: padding)."""
+def label_match(ids, label_ids: Sequence[int]):
+    """ids int[B, T] (numpy or jax) -> bool[B]: the row is exactly START label END (then anything: padding)."""
+    xp = np if isinstance(ids, np.ndarray) else jnp
     n = len(label_ids)
     if ids.shape[-1] < n + 2:
-        return jnp.zeros(ids.shape[:-1], bool)
-    lab = jnp.asarray(np.asarray(label_ids, np.int32))
-    return ((ids[..., 0] == START_ID) & jnp.all(ids[..., 1:1 + n] == lab, axis=-1) & (ids[..., 1 + n] == END_ID))
+        return xp.zeros(ids.shape[:-1], bool)
+    lab = np.asarray(label_ids, np.int32)
+    return (ids[..., 0] == START_ID) & xp.all(ids[..., 1:1 + n] == lab, axis=-1) & (ids[..., 1 + n] == END_ID)
 
 
-def substitute(emb: jax.Array, ids: jax.Array, label_ids: Sequence[int], rows: jax.Array) -> jax.Array:
-    """Token embeddings emb [B, T, Ct] of ids int[B, T] -> the same, with positions 1..Ll of rows that are exactly
-    the label replaced by rows [Ll, Ct]. Non-matching rows are selected unchanged (bit-identical)."""
-    n = len(label_ids)
-    if ids.shape[-1] < n + 2:
-        return emb
-    hit = label_match(ids, label_ids)[:, None, None]  # [B, 1, 1]
-    head = jnp.where(hit, rows.astype(emb.dtype)[None], emb[:, 1:1 + n])
-    return emb.at[:, 1:1 + n].set(head)
+def expand_label(ids, mask, label_ids: Sequence[int], slots: Sequence[int]):
+    """Prompt layout ids / mask int[B, T] (numpy or jax) -> the same type, [B, max(T, N + 2)]: each row that is
+    exactly the label becomes START slots END PAD.. with mask 1 on START..END (N = len(slots)); every other row is
+    returned as it was (padded with masked PAD columns only when T < N + 2)."""
+    xp = np if isinstance(ids, np.ndarray) else jnp
+    n, t = len(slots), ids.shape[-1]
+    width = max(t, n + 2)
+    if width > t:
+        ids = xp.concatenate([ids, xp.full(ids.shape[:-1] + (width - t,), PAD_ID, ids.dtype)], -1)
+        mask = xp.concatenate([mask, xp.zeros(mask.shape[:-1] + (width - t,), mask.dtype)], -1)
+    row = np.full(width, PAD_ID, np.int32)
+    row[0], row[1:1 + n], row[1 + n] = START_ID, np.asarray(slots, np.int32), END_ID
+    hit = label_match(ids, label_ids)[..., None]
+    return (xp.where(hit, row.astype(ids.dtype), ids),
+            xp.where(hit, (np.arange(width) < n + 2).astype(mask.dtype), mask))
 
 
-def fresh_embed(model: Sam3, label_ids: Sequence[int]) -> dict:
-    """Embed adapter params initialised to the label's own token embeddings: {"rows": float32[Ll, Ct]}."""
+def slot_lookup(lookup, ids, table, vocab: int):
+    """Token embeddings [B, T, Ct] of ids int[B, T]: lookup(ids) for vocabulary ids, table[id - vocab] (table
+    [S, Ct], the learned rows) for slot ids >= vocab. Rows without a slot id are lookup's, bit for bit."""
+    ids = jnp.asarray(ids)
+    slot = ids >= vocab
+    out = lookup(jnp.where(slot, 0, ids))
+    rows = jnp.asarray(table).astype(out.dtype)[jnp.clip(ids - vocab, 0, table.shape[0] - 1)]
+    return jnp.where(slot[..., None], rows, out)
+
+
+def fresh_embed(model: Sam3, label_ids: Sequence[int], length: int | None = None) -> dict:
+    """Embed adapter params initialised from the label's own token embeddings: {"rows": float32[N, Ct]}, N =
+    length (default: the label's token count); for N > Ll each label token's row is repeated in order ("blue
+    triangle", N = 4: blue blue triangle triangle)."""
     ids = jnp.asarray(np.asarray(label_ids, np.int32))[None]
-    return {"rows": jnp.asarray(model.apply("embed_tokens", ids)[0], jnp.float32)}
+    rows = jnp.asarray(model.apply("embed_tokens", ids)[0], jnp.float32)
+    n = len(label_ids) if length is None else int(length)
+    return {"rows": rows[(np.arange(n) * len(label_ids)) // n]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -205,21 +230,44 @@ class AdaptedSam3(Sam3):
             if a.kind == "lora":
                 params = merge_lora(params, jax.tree_util.tree_map(jnp.asarray, a.params), a.scale)
         self.params = params
-        self._embeds = [(tuple(int(i) for i in a.label_ids), jnp.asarray(a.params["rows"], jnp.float32))
-                        for a in adapters if a.kind == "embed"]
-        self.prefix_cacheable = not self._embeds
+        # embed adapters: each label gets slot ids vocab + offset .. (never a real token), rows in one table
+        self.vocab = int(base.config.text.vocab_size)
+        self._slots, tables = [], []
+        for a in adapters:
+            if a.kind == "embed":
+                rows = jnp.asarray(a.params["rows"], jnp.float32)
+                start = self.vocab + sum(len(s) for _, s in self._slots)
+                self._slots.append((tuple(int(i) for i in a.label_ids), np.arange(start, start + rows.shape[0])))
+                tables.append(rows)
+        self._table = jnp.concatenate(tables) if tables else None
+        if self._slots and max(len(s) for _, s in self._slots) + 2 > base.config.context_length:
+            raise AdaptError(f"an embed adapter has more rows than the {base.config.context_length}-token context "
+                             f"holds")
+        self.min_text_width = max((len(s) + 2 for _, s in self._slots), default=0)
+        self.prefix_cacheable = not self._slots
+
+    def expand(self, input_ids, attention_mask):
+        """ids / mask [B, T] -> the layout the text encoder and the detector see (`expand_label` per embed
+        adapter); unchanged without embed adapters."""
+        for label_ids, slots in self._slots:
+            input_ids, attention_mask = expand_label(input_ids, attention_mask, label_ids, slots)
+        return input_ids, attention_mask
+
+    def prompt_mask(self, input_ids, attention_mask):
+        return super().prompt_mask(*self.expand(input_ids, attention_mask))
 
     def _intercept(self, next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
         if isinstance(context.module, Sam3Module) and context.method_name == "embed_tokens":
-            ids = jnp.asarray(args[0])
-            for label_ids, rows in self._embeds:
-                out = substitute(out, ids, label_ids, rows)
-        return out
+            return slot_lookup(lambda ids: next_fun(ids, *args[1:], **kwargs), args[0], self._table, self.vocab)
+        return next_fun(*args, **kwargs)
 
     def apply(self, method: str, *args, params=None, **kwargs):
-        if not self._embeds:
+        if not self._slots:
             return super().apply(method, *args, params=params, **kwargs)
+        if method == "text_features":
+            args = (*self.expand(args[0], args[1]), *args[2:])
+        elif method == "__call__":
+            args = (args[0], *self.expand(args[1], args[2]), *args[3:])
         with nn.intercept_methods(self._intercept):
             return super().apply(method, *args, params=params, **kwargs)
 

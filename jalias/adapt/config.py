@@ -31,16 +31,22 @@ class AdaptError(ValueError):
 class AdaptConfig:
     """How an adapter is trained. The same optimiser, steps and loss code serve both teachers.
 
-    kind: "embed" (replacement embeddings for the label's tokens, used only when the prompt is exactly the label)
-    or "lora" (low-rank updates W + scale * A @ B of the `targets` Dense kernels; base weights frozen).
+    kind: "embed" (learned embeddings that replace the label's tokens, used only when the prompt is exactly the
+    label; `length` of them) or "lora" (low-rank updates W + scale * A @ B of the `targets` Dense kernels; base weights frozen).
     teacher: "alias" (distil the alias's outputs on the search images) or "gt" (the ground-truth masks).
     Loss (see `loss.image_loss`): w_query * query-logit BCE + w_presence * presence BCE + w_union * (BCE + dice
     of the soft union mask); the gt teacher has no per-query target, so its w_query is 0. For lora, w_preserve > 0
-    adds a term that keeps other prompts' text features in place (less collateral damage on other words).
+    adds a term that keeps other prompts' text features in place (less collateral damage on other words). For embed
+    with the alias teacher, w_features > 0 adds the distance of the label's prompt features to the alias's (where
+    the two prompts have the same length: `length=-1`).
     """
 
     kind: str = "embed"
     teacher: str = "alias"
+    # embed only: how many learned rows replace the label: -1 = as many as the alias has tokens (the run's alias;
+    # the label's count when there is none), 0 = one per label token, N > 0 = N. -1 with w_features 100 reached
+    # 99.6-99.7% of the alias's held-out IoU where one row per label token reached 35-97% (benchmarks/RESULTS.md)
+    length: int = -1
     steps: int = 200
     lr: float = 0.05  # embed; lora uses lr_lora
     lr_lora: float = 5e-3
@@ -52,6 +58,9 @@ class AdaptConfig:
     w_query: float = 1.0
     w_presence: float = 1.0
     w_union: float = 1.0
+    # embed with the alias teacher, when the adapted label's prompt has as many positions as the alias's (length
+    # -1): w_features * the relative squared distance of its prompt features to the alias's
+    w_features: float = 100.0
     # lora only (an embed adapter never moves another prompt): > 0 also keeps `preserve_prompts` other prompts'
     # features in place (trainer.preserve_batch); 100 measured better than 10 and 0 (benchmarks/RESULTS.md)
     w_preserve: float = 100.0
@@ -75,9 +84,13 @@ class AdaptConfig:
             raise AdaptError(f"learning rate must be > 0, got {self.lr_for()}")
         if not 0.0 <= self.threshold < 1.0:
             raise AdaptError(f"threshold must be in [0, 1), got {self.threshold}")
+        if self.w_features < 0:
+            raise AdaptError(f"w_features must be >= 0, got {self.w_features}")
         if self.w_preserve < 0 or self.preserve_prompts < 1 or self.preserve_neighbours < 0:
             raise AdaptError(f"need w_preserve >= 0, preserve_prompts >= 1 and preserve_neighbours >= 0, got "
                              f"{self.w_preserve}, {self.preserve_prompts}, {self.preserve_neighbours}")
+        if self.length < -1 or self.length > 30:
+            raise AdaptError(f"length must be -1 (the alias's), 0 (the label's) or 1..30 rows, got {self.length}")
         if self.kind == "lora" and self.rank < 1:
             raise AdaptError(f"LoRA rank must be >= 1, got {self.rank}")
         self.target_patterns()

@@ -52,6 +52,17 @@ class Targets:
     union: np.ndarray
     weights: np.ndarray
     teacher: str
+    features: np.ndarray | None = None  # alias teacher: the alias's prompt features float32[T, D]
+    feature_mask: np.ndarray | None = None  # and its attention mask int[T]
+
+    def feature_target(self, valid: int) -> dict | None:
+        """{"target": float32[T, D], "mask": float32[T]}: the alias's prompt features, when the adapted label's
+        prompt has `valid` positions like the alias's (position i of one is compared with position i of the
+        other); None otherwise or without features (gt teacher)."""
+        if self.features is None or int(np.sum(self.feature_mask)) != int(valid):
+            return None
+        return {"target": jnp.asarray(self.features, jnp.float32),
+                "mask": jnp.asarray(self.feature_mask, jnp.float32)}
 
     def arrays(self) -> dict:
         return {"query": jnp.asarray(self.query, jnp.float32), "presence": jnp.asarray(self.presence, jnp.float32),
@@ -71,7 +82,8 @@ def image_contexts(model: Sam3, images: Sequence[np.ndarray]) -> dict:
 def teacher_outputs(model: Sam3, ids: Sequence[int], ctx: dict, threshold: float = scoring.KEEP_THRESHOLD) -> dict:
     """The model's outputs for content ids on stacked contexts [K, ...]: pred_logits float32[K, Q],
     presence_logits [K, 1], union_logits [K, m, m] (export's key: max over the queries the prediction rule keeps
-    at `threshold`, the run's --threshold; UNION_FLOOR if none). The mask head is the engine's `detect_fast`, what
+    at `threshold`, the run's --threshold; UNION_FLOOR if none), and the prompt's own prompt_features float32[T, D]
+    and attention_mask int32[T]. The mask head is the engine's `detect_fast`, what
     training reads; the export's `predict` runs `detect`: the same values up to float rounding
     (tests/test_adapt.py measures it)."""
     from ..engine.predict import union_logits
@@ -85,17 +97,19 @@ def teacher_outputs(model: Sam3, ids: Sequence[int], ctx: dict, threshold: float
     presence = np.concatenate([np.asarray(o["presence_logits"], np.float32) for o in outs])
     masks = np.concatenate([np.asarray(o["pred_masks"], np.float32) for o in outs])
     return {"pred_logits": logits, "presence_logits": presence,
-            "union_logits": union_logits(masks, np.asarray(scoring.query_keep(logits, presence, threshold)))}
+            "union_logits": union_logits(masks, np.asarray(scoring.query_keep(logits, presence, threshold))),
+            "prompt_features": np.asarray(prompt, np.float32)[0], "attention_mask": np.asarray(mask)[0]}
 
 
 def alias_targets(ctx: dict, outputs: dict, cfg: AdaptConfig) -> Targets:
     """Alias teacher from the alias's outputs (`teacher_outputs`, or an export's pred_logits / presence_logits /
-    union_logits of the same images)."""
+    union_logits of the same images, and its prompt_features / attention_mask when present)."""
     sig = lambda x: 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))  # noqa: E731
     return Targets(ctx, sig(outputs["pred_logits"]).astype(np.float32),
                    sig(np.asarray(outputs["presence_logits"])[:, 0]).astype(np.float32),
                    (np.asarray(outputs["union_logits"]) > 0).astype(np.float32),
-                   np.asarray([cfg.w_query, cfg.w_presence, cfg.w_union], np.float32), "alias")
+                   np.asarray([cfg.w_query, cfg.w_presence, cfg.w_union], np.float32), "alias",
+                   outputs.get("prompt_features"), outputs.get("attention_mask"))
 
 
 def gt_targets(ctx: dict, gts: Sequence[np.ndarray], is_negative: Sequence[bool], num_queries: int,

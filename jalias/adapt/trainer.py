@@ -27,7 +27,8 @@ import optax
 
 from ..engine.predict import layout
 from ..model.sam3 import Sam3
-from .adapters import Adapter, fresh_embed, fresh_lora, lora_targets, merge_lora, model_fingerprint, substitute
+from .adapters import (Adapter, expand_label, fresh_embed, fresh_lora, lora_targets, merge_lora, model_fingerprint,
+                       slot_lookup)
 from .config import AdaptConfig, AdaptError
 from .loss import Targets, image_loss
 from .store import load_state, save_state
@@ -45,14 +46,25 @@ def optimizer(cfg: AdaptConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.adam(sched))
 
 
-def prompt_features(model: Sam3, kind: str, label_ids: Sequence[int], params: dict, base_params: dict,
-                    scale: float, ids, mask):
-    """Features [B, T, D] of prompts ids/mask [B, T] with the adapter params, and the params detect runs with."""
+def prompt_features(model: Sam3, kind: str, params: dict, base_params: dict, scale: float, ids, mask):
+    """Features [B, T, D] of prompts ids/mask [B, T] with the adapter params, and the params detect runs with.
+    embed: ids already laid out by `expand_label` (slot ids >= the vocabulary size take the learned rows)."""
     if kind == "embed":
-        emb = substitute(model.apply("embed_tokens", ids, params=base_params), ids, label_ids, params["rows"])
+        vocab = model.config.text.vocab_size
+        emb = slot_lookup(lambda i: model.apply("embed_tokens", i, params=base_params), ids, params["rows"], vocab)
         return model.apply("encode_text", emb, mask, params=base_params)[0], base_params
     merged = merge_lora(base_params, params, scale)
     return model.apply("text_features", ids, mask, params=merged), merged
+
+
+def embed_length(cfg: AdaptConfig, label_ids: Sequence[int], alias_length: int | None = None) -> int:
+    """How many learned rows an embed adapter has: cfg.length; 0 -> the label's token count; -1 -> the alias's
+    (alias_length), the label's when no alias is given."""
+    if cfg.length > 0:
+        return int(cfg.length)
+    if cfg.length == -1 and alias_length:
+        return int(alias_length)
+    return len(label_ids)
 
 
 def preserve_batch(model: Sam3, cfg: AdaptConfig, label_ids: Sequence[int] = ()) -> dict | None:
@@ -97,8 +109,10 @@ def label_neighbours(label_ids: Sequence[int], vocab: np.ndarray, n: int, rng: n
 
 def make_step(model: Sam3, cfg: AdaptConfig, label_ids: Sequence[int]) -> SimpleNamespace:
     """.step: jit(step)(params, opt_state, base_params, ids, mask, detect_mask, ctx, targets, weights, keep)
-    -> (params, opt_state, loss, parts[4]); .loss: jit(loss_fn)(params, base_params, ...) -> (loss, parts).
-    parts: query, presence, union (image terms, `loss.image_loss`) and drift. One function (and one compiled
+    -> (params, opt_state, loss, parts[5]); .loss: jit(loss_fn)(params, base_params, ...) -> (loss, parts).
+    parts: query, presence, union (image terms, `loss.image_loss`), drift and gap. feat (`feature_args`, or
+    None): the alias's prompt features; the loss then adds w_features * on * gap, gap = the sum of squared
+    differences of the label's prompt features to them over the alias's valid positions / the sum of their squares. One function (and one compiled
     program per shape) for both teachers: the teacher only changes the target arrays and the term weights, which
     are arguments. keep (`preserve_batch`, or None): other prompts whose prompt features should not move; the loss
     then adds w_preserve * drift, drift = sum of squared feature changes over their valid positions / the sum of
@@ -106,15 +120,16 @@ def make_step(model: Sam3, cfg: AdaptConfig, label_ids: Sequence[int]) -> Simple
     scale = cfg.alpha / cfg.rank if cfg.kind == "lora" else 0.0
     # models with the same config, dtype, mode and attention share a step (params are arguments, not constants)
     key = (model.config.to_json(), model.dtype.name, model.prompt_mode, repr(model.attention), cfg.kind,
-           tuple(label_ids), scale, cfg.remat, cfg.lr_for(), cfg.steps, cfg.warmup, cfg.clip_norm, cfg.w_preserve)
+           tuple(label_ids), scale, cfg.remat, cfg.lr_for(), cfg.steps, cfg.warmup, cfg.clip_norm, cfg.w_preserve,
+           cfg.w_features)
     if key in _STEPS:
         return _STEPS[key]
     opt = optimizer(cfg)
 
-    def loss_fn(params, base_params, ids, mask, dmask, ctx, targets, weights, keep=None):
+    def loss_fn(params, base_params, ids, mask, dmask, ctx, targets, weights, keep=None, feat=None):
         if keep is not None:  # one text pass over the label and the prompts to preserve
             ids, mask = jnp.concatenate([ids, keep["ids"]]), jnp.concatenate([mask, keep["mask"]])
-        feats, det_params = prompt_features(model, cfg.kind, label_ids, params, base_params, scale, ids, mask)
+        feats, det_params = prompt_features(model, cfg.kind, params, base_params, scale, ids, mask)
         prompt = feats[:1]
 
         def one(args):
@@ -132,11 +147,17 @@ def make_step(model: Sam3, cfg: AdaptConfig, label_ids: Sequence[int]) -> Simple
             drift = (jnp.sum((feats[1:].astype(jnp.float32) - keep["base"]) ** 2 * valid)
                      / jnp.sum(keep["base"] ** 2 * valid))
             loss = loss + cfg.w_preserve * drift
-        return loss, jnp.concatenate([jnp.mean(parts, axis=0), drift[None]])
+        gap = jnp.float32(0.0)
+        if feat is not None:  # the label's prompt features against the alias's, position by position
+            m, want = feat["mask"][:, None], feat["target"]
+            gap = jnp.sum((prompt[0].astype(jnp.float32) - want) ** 2 * m) / jnp.maximum(jnp.sum(want ** 2 * m),
+                                                                                         1e-12)
+            loss = loss + cfg.w_features * feat["on"] * gap
+        return loss, jnp.concatenate([jnp.mean(parts, axis=0), drift[None], gap[None]])
 
-    def step(params, opt_state, base_params, ids, mask, dmask, ctx, targets, weights, keep=None):
+    def step(params, opt_state, base_params, ids, mask, dmask, ctx, targets, weights, keep=None, feat=None):
         (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, base_params, ids, mask, dmask,
-                                                                        ctx, targets, weights, keep)
+                                                                        ctx, targets, weights, keep, feat)
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, parts
 
@@ -144,9 +165,35 @@ def make_step(model: Sam3, cfg: AdaptConfig, label_ids: Sequence[int]) -> Simple
     return _STEPS[key]
 
 
-def fresh_params(model: Sam3, cfg: AdaptConfig, label_ids: Sequence[int]) -> tuple[dict, tuple[str, ...]]:
+def label_layout(model: Sam3, label_ids: Sequence[int], length: int | None = None):
+    """The label's prompt row as training sees it: (ids, mask, detect mask) jax int32[1, T]. For an embed
+    adapter (length = its row count) the row the adapted model lays out: START, `length` slot ids, END."""
+    ids, mask = layout([label_ids], model.config.context_length)
+    if length is not None:
+        vocab = model.config.text.vocab_size
+        ids, mask = expand_label(ids, mask, label_ids, range(vocab, vocab + length))
+    return jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(model.prompt_mask(ids, mask))
+
+
+def feature_args(model: Sam3, cfg: AdaptConfig, targets: Targets, ids, mask) -> dict | None:
+    """The step's `feat` argument: None for lora; for embed {"target": float32[T, D], "mask": float32[T], "on"}:
+    the alias's prompt features (`Targets.feature_target`, on = 1) when cfg.w_features > 0 and the label's
+    prompt (ids / mask [1, T]) is as long as the alias's, else zeros with on = 0. Always present for embed, so
+    both teachers run one compiled step."""
+    if cfg.kind != "embed":
+        return None
+    got = targets.feature_target(int(np.sum(mask))) if cfg.w_features > 0 else None
+    if got is not None:
+        return {**got, "on": jnp.float32(1.0)}
+    shape = jax.eval_shape(lambda: model.apply("text_features", ids, mask)).shape  # [1, T, D]
+    return {"target": jnp.zeros(shape[1:], jnp.float32), "mask": jnp.zeros(shape[1:2], jnp.float32),
+            "on": jnp.float32(0.0)}
+
+
+def fresh_params(model: Sam3, cfg: AdaptConfig, label_ids: Sequence[int],
+                 length: int | None = None) -> tuple[dict, tuple[str, ...]]:
     if cfg.kind == "embed":
-        return fresh_embed(model, label_ids), ()
+        return fresh_embed(model, label_ids, length), ()
     targets = tuple(lora_targets(model, cfg.target_patterns()))
     return fresh_lora(model, targets, cfg.rank, cfg.seed), targets
 
@@ -167,13 +214,14 @@ def _bar(enabled: bool, total: int, done: int, title: str):
 def train_adapter(model: Sam3, label_ids: Sequence[int], targets: Targets, cfg: AdaptConfig, label: str = "",
                   category: str = "", state_dir: str | Path | None = None, resume: bool = False,
                   progress: bool = True, log: Callable[[str], None] | None = None,
-                  stop_after: int | None = None) -> Adapter:
+                  stop_after: int | None = None, alias_length: int | None = None) -> Adapter:
     """Train an adapter so that prompting `model` with label_ids reproduces `targets` (loss: `loss.py`).
 
     model: the base model (not an AdaptedSam3); label_ids: the label's content ids; state_dir: where the
     training state is saved (every cfg.checkpoint_every_s seconds, on Ctrl-C / SIGTERM and at the end); resume:
     continue from it (AdaptError if it belongs to another model, label, teacher or config); stop_after: stop (as
-    if interrupted: state saved, KeyboardInterrupt) once this many steps are done (tests).
+    if interrupted: state saved, KeyboardInterrupt) once this many steps are done (tests); alias_length: the alias's token count (an embed
+    adapter's row count when cfg.length is -1).
     Returns the Adapter; metrics: loss_first (before any update), loss_last, loss per step ("losses").
     """
     cfg.validate()
@@ -183,11 +231,12 @@ def train_adapter(model: Sam3, label_ids: Sequence[int], targets: Targets, cfg: 
     if not label_ids:
         raise AdaptError(f"label {label!r} has no tokens")
     fp = model_fingerprint(model)
-    params, lora_paths = fresh_params(model, cfg, label_ids)
+    length = embed_length(cfg, label_ids, alias_length) if cfg.kind == "embed" else None
+    params, lora_paths = fresh_params(model, cfg, label_ids, length)
     opt = optimizer(cfg)
     opt_state = opt.init(params)
-    owner = {"fingerprint": fp, "label_ids": list(label_ids), "teacher": targets.teacher, "config": cfg.to_dict(),
-             "prompt_mode": model.prompt_mode}
+    owner = {"fingerprint": fp, "label_ids": list(label_ids), "length": length, "teacher": targets.teacher,
+             "config": cfg.to_dict(), "prompt_mode": model.prompt_mode}
     start, losses, parts_log = 0, [], []
     state_dir = Path(state_dir) if state_dir is not None else None
     if resume and state_dir is not None:
@@ -204,11 +253,10 @@ def train_adapter(model: Sam3, label_ids: Sequence[int], targets: Targets, cfg: 
             if log:
                 log(f"resumed {label or label_ids} at step {start}/{cfg.steps}")
     step = make_step(model, cfg, label_ids)
-    input_ids, mask = layout([label_ids], model.config.context_length)
-    ids, mask = jnp.asarray(input_ids), jnp.asarray(mask)
-    dmask = jnp.asarray(model.prompt_mask(input_ids, np.asarray(mask)))
+    ids, mask, dmask = label_layout(model, label_ids, length)
     arrays, weights = targets.arrays(), jnp.asarray(targets.weights)
-    args = (model.params, ids, mask, dmask, targets.ctx, arrays, weights, preserve_batch(model, cfg, label_ids))
+    feat = feature_args(model, cfg, targets, ids, mask)
+    args = (model.params, ids, mask, dmask, targets.ctx, arrays, weights, preserve_batch(model, cfg, label_ids), feat)
 
     def save(done: int):
         if state_dir is not None:
@@ -241,7 +289,7 @@ def train_adapter(model: Sam3, label_ids: Sequence[int], targets: Targets, cfg: 
     final = float(step.loss(params, *args)[0])
     first = losses[0] if losses else final
     metrics = {"loss_first": first, "loss_last": final, "losses": losses,
-               "loss_parts_last": parts_log[-1] if parts_log else None}
+               "loss_parts_last": parts_log[-1] if parts_log else None, "feature_term": bool(feat is not None and feat["on"])}
     return Adapter(kind=cfg.kind, label=label, label_ids=label_ids,
                    params=jax.tree_util.tree_map(np.asarray, params), fingerprint=fp, category=category,
                    teacher=targets.teacher, steps=cfg.steps, rank=cfg.rank if cfg.kind == "lora" else 0,

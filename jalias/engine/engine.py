@@ -380,6 +380,8 @@ class Engine:
         # longest prompt's END change nothing; run only up to it (rounded up to text_bucket: few programs)
         b = self.text_bucket
         width = input_ids.shape[1] if b == 0 else min(input_ids.shape[1], -(-int(mask.sum(1).max()) // b) * b)
+        # a model whose embed adapters replace a label by more tokens needs room for them (`min_text_width`)
+        width = min(input_ids.shape[1], max(width, getattr(self.model, "min_text_width", 0)))
         input_ids, mask = input_ids[:, :width], mask[:, :width]
         # prefix grouping: order candidates by shared-prefix length with the reference
         if self.prefix_cache and reference is not None:

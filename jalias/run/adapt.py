@@ -70,7 +70,9 @@ def _export_outputs(run: RunDir, res: dict, prompt_mode: str, search: np.ndarray
         with np.load(run.path / "export" / entry["file"]) as z:
             if len(z["split"]) != len(search):
                 return None
-            return {k: np.asarray(z[k])[search] for k in ("pred_logits", "presence_logits", "union_logits")}
+            out = {k: np.asarray(z[k])[search] for k in ("pred_logits", "presence_logits", "union_logits")}
+            out.update({k: np.asarray(z[k]) for k in ("prompt_features", "attention_mask") if k in z.files})
+            return out
     except (OSError, KeyError, StopIteration, ValueError):
         return None
 
@@ -134,7 +136,7 @@ def adapt_run(run_dir: str | os.PathLike, kind: str = "embed", teacher: str = "a
             targets = gt_targets(ctx, pick("gts", s), neg[s], model.config.decoder.num_queries, m, cfg)
         adapter = train_adapter(model, res["label_ids"], targets, cfg, label=res["label"],
                                 category=res["category"], state_dir=out / ".state" / res["slug"], resume=resume,
-                                progress=progress, log=log)
+                                progress=progress, log=log, alias_length=len(res.get("alias_ids") or ()) or None)
         adapted = apply_adapters(model, [adapter])
         ids = res["label_ids"]
         metrics = {"config": cfg.to_dict(), **adapter.metrics}
