@@ -229,7 +229,7 @@ def run_trained(name: str, preset: dict, log, extra: dict | None = None, weights
     engine = Engine(model, *search)
     # the run pipeline's rule (as in `jalias demo`): start from the label unless it scores 0 everywhere
     init = dict(init="label", label_ids=label) if engine.score(np.asarray([label])).max() > 0 else {}
-    method, cfg = method_config("gcg", length=4, budget=preset["budget"], seed=0, **init)
+    method, cfg = method_config("gcg", length=4, budget=preset["budget"], seed=preset.get("seed", 0), **init)
     best = run_search(method, engine, cfg).best[0]
     alias = [int(i) for i in best.ids]
     base = {"label_before": score(model, *held, label), "alias": score(model, *held, alias)}
@@ -298,6 +298,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--kinds", type=str, default=None, help="embed,lora")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--budget", type=int, default=None, help="gcg budget for the alias search")
+    ap.add_argument("--seed", type=int, default=None, help="with --trained: the alias search's seed (default 0)")
     ap.add_argument("--alias", choices=("search", "hidden"), default=None,
                     help="the teacher: a gcg-found alias (full) or the planted hidden sequence (quick)")
     ap.add_argument("--preserve", type=float, default=AdaptConfig.w_preserve,
@@ -325,7 +326,7 @@ def main(argv=None) -> dict:
         preset["problems"] = [int(x) for x in a.problems.split(",")]
     if a.kinds:
         preset["kinds"] = a.kinds.split(",")
-    for k in ("steps", "budget", "alias"):
+    for k in ("steps", "budget", "alias", "seed"):
         if getattr(a, k) is not None:
             preset[k] = getattr(a, k)
     length = {"label": 0, "alias": -1}.get(a.length)
