@@ -14,9 +14,9 @@ from .store import load, load_adapter, load_adapters, read_card, save_adapter
 from .trainer import make_step, train_adapter
 
 __all__ = ["Adapter", "AdaptedSam3", "AdaptConfig", "AdaptError", "KINDS", "LORA_PRESETS", "TEACHERS", "Targets",
-           "alias_targets", "apply_adapters", "expand_label", "gt_targets", "image_contexts", "image_loss", "load", "load_adapter",
-           "load_adapters", "make_step", "model_fingerprint", "read_card", "save_adapter", "slot_lookup",
-           "teacher_outputs", "train_adapter"]
+           "alias_targets", "apply_adapters", "expand_label", "gt_targets", "image_contexts", "image_loss", "load",
+           "load_adapter", "load_adapters", "make_step", "model_fingerprint", "read_card", "save_adapter",
+           "slot_lookup", "teacher_outputs", "train_adapter"]
 
 # `jalias.adapt(run_dir, ...)` calls jalias.run.adapt.adapt_run (the top-level package owns that indirection)
 import sys as _sys  # noqa: E402

@@ -32,7 +32,8 @@ class AdaptConfig:
     """How an adapter is trained. The same optimiser, steps and loss code serve both teachers.
 
     kind: "embed" (learned embeddings that replace the label's tokens, used only when the prompt is exactly the
-    label; `length` of them) or "lora" (low-rank updates W + scale * A @ B of the `targets` Dense kernels; base weights frozen).
+    label; `length` of them) or "lora" (low-rank updates W + scale * A @ B of the `targets` Dense kernels; base
+    weights frozen).
     teacher: "alias" (distil the alias's outputs on the search images) or "gt" (the ground-truth masks).
     Loss (see `loss.image_loss`): w_query * query-logit BCE + w_presence * presence BCE + w_union * (BCE + dice
     of the soft union mask); the gt teacher has no per-query target, so its w_query is 0. For lora, w_preserve > 0

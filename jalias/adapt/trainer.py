@@ -112,11 +112,12 @@ def make_step(model: Sam3, cfg: AdaptConfig, label_ids: Sequence[int]) -> Simple
     -> (params, opt_state, loss, parts[5]); .loss: jit(loss_fn)(params, base_params, ...) -> (loss, parts).
     parts: query, presence, union (image terms, `loss.image_loss`), drift and gap. feat (`feature_args`, or
     None): the alias's prompt features; the loss then adds w_features * on * gap, gap = the sum of squared
-    differences of the label's prompt features to them over the alias's valid positions / the sum of their squares. One function (and one compiled
-    program per shape) for both teachers: the teacher only changes the target arrays and the term weights, which
-    are arguments. keep (`preserve_batch`, or None): other prompts whose prompt features should not move; the loss
-    then adds w_preserve * drift, drift = sum of squared feature changes over their valid positions / the sum of
-    their squared base features (0 for an embed adapter: those prompts never are the label)."""
+    differences of the label's prompt features to them over the alias's valid positions / the sum of their
+    squares. One function (and one compiled program per shape) for both teachers: the teacher only changes the
+    target arrays and the term weights, which are arguments. keep (`preserve_batch`, or None): other prompts
+    whose prompt features should not move; the loss then adds w_preserve * drift, drift = sum of squared feature
+    changes over their valid positions / the sum of their squared base features (0 for an embed adapter: those
+    prompts never are the label)."""
     scale = cfg.alpha / cfg.rank if cfg.kind == "lora" else 0.0
     # models with the same config, dtype, mode and attention share a step (params are arguments, not constants)
     key = (model.config.to_json(), model.dtype.name, model.prompt_mode, repr(model.attention), cfg.kind,
@@ -220,8 +221,8 @@ def train_adapter(model: Sam3, label_ids: Sequence[int], targets: Targets, cfg: 
     model: the base model (not an AdaptedSam3); label_ids: the label's content ids; state_dir: where the
     training state is saved (every cfg.checkpoint_every_s seconds, on Ctrl-C / SIGTERM and at the end); resume:
     continue from it (AdaptError if it belongs to another model, label, teacher or config); stop_after: stop (as
-    if interrupted: state saved, KeyboardInterrupt) once this many steps are done (tests); alias_length: the alias's token count (an embed
-    adapter's row count when cfg.length is -1).
+    if interrupted: state saved, KeyboardInterrupt) once this many steps are done (tests); alias_length: the
+    alias's token count (an embed adapter's row count when cfg.length is -1).
     Returns the Adapter; metrics: loss_first (before any update), loss_last, loss per step ("losses").
     """
     cfg.validate()
@@ -289,7 +290,8 @@ def train_adapter(model: Sam3, label_ids: Sequence[int], targets: Targets, cfg: 
     final = float(step.loss(params, *args)[0])
     first = losses[0] if losses else final
     metrics = {"loss_first": first, "loss_last": final, "losses": losses,
-               "loss_parts_last": parts_log[-1] if parts_log else None, "feature_term": bool(feat is not None and feat["on"])}
+               "loss_parts_last": parts_log[-1] if parts_log else None,
+               "feature_term": bool(feat is not None and feat["on"])}
     return Adapter(kind=cfg.kind, label=label, label_ids=label_ids,
                    params=jax.tree_util.tree_map(np.asarray, params), fingerprint=fp, category=category,
                    teacher=targets.teacher, steps=cfg.steps, rank=cfg.rank if cfg.kind == "lora" else 0,
