@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from jalias.adapt import AdaptConfig, alias_targets, apply_adapters, gt_targets, image_contexts  # noqa: E402
 from jalias.adapt import teacher_outputs, train_adapter  # noqa: E402
+from jalias.adapt.config import length_name, parse_length  # noqa: E402
 from jalias.data import iou  # noqa: E402
 from jalias.data.planted import make_planted  # noqa: E402
 from jalias.engine.predict import predict as predict_one  # noqa: E402
@@ -149,8 +150,7 @@ def adapt_rows(model, category: str, label_text: str, label: list[int], alias: l
                "alias_text": detokenize(alias), **base, "w_preserve": extra.get("w_preserve", 0.0),
                "length": extra.get("length", 0) if kind == "embed" else None}
         for teacher in ("alias", "gt"):
-            own = {k: v for k, v in extra.items() if kind == "embed" or k != "length"}  # length: embed rows
-            cfg = AdaptConfig(kind=kind, teacher=teacher, steps=steps, **own)
+            cfg = AdaptConfig(kind=kind, teacher=teacher, steps=steps, **extra)
             targets = (alias_targets(ctx, outputs, cfg) if teacher == "alias" else
                        gt_targets(ctx, search_masks, neg, q, m, cfg))
             t = time.perf_counter()
@@ -305,8 +305,7 @@ def parser() -> argparse.ArgumentParser:
                     help="AdaptConfig.w_preserve (lora): keep other prompts' text features (0: off)")
     ap.add_argument("--preserve-neighbours", type=int, default=AdaptConfig.preserve_neighbours,
                     help="AdaptConfig.preserve_neighbours: how many prompts sharing the label's tokens to keep too")
-    ap.add_argument("--length", type=str, default={0: "label", -1: "alias"}.get(AdaptConfig.length,
-                                                                               str(AdaptConfig.length)),
+    ap.add_argument("--length", type=str, default=length_name(AdaptConfig.length),
                     help="AdaptConfig.length (embed rows): label (one per label token) | alias (as many as the "
                          "alias's tokens) | N")
     ap.add_argument("--features", type=float, default=AdaptConfig.w_features,
@@ -329,9 +328,8 @@ def main(argv=None) -> dict:
     for k in ("steps", "budget", "alias", "seed"):
         if getattr(a, k) is not None:
             preset[k] = getattr(a, k)
-    length = {"label": 0, "alias": -1}.get(a.length)
     extra = {"w_preserve": a.preserve, "preserve_neighbours": a.preserve_neighbours,
-             "length": int(a.length) if length is None else length, "w_features": a.features}
+             "length": parse_length(a.length), "w_features": a.features}
     t0 = time.perf_counter()
     rows = []
     if a.trained:

@@ -339,12 +339,13 @@ def adapt(
 ):
     """Train adapters so the natural label does what the run's alias does (or what the ground truth says)."""
     from .adapt import AdaptConfig
+    from .adapt.config import parse_length
     from .run.adapt import adapt_run
 
     summary = adapt_run(run_dir, kind=kind, teacher=teacher, steps=steps, lr=lr, out=out, resume=resume,
                         categories=_categories(categories),
                         config=AdaptConfig(rank=rank, alpha=float(rank), targets=targets, w_preserve=preserve,
-                                           length=_embed_length(length)),
+                                           length=parse_length(length)),
                         progress=not no_progress, log=lambda m: typer.echo(m, err=True))
     from rich.table import Table
 
@@ -358,17 +359,6 @@ def adapt(
                       f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}")
     _console().print(table)
     typer.echo(f"adapters: {Path(summary['categories'][0]['adapter']).parent if summary['categories'] else '-'}")
-
-
-def _embed_length(text: str) -> int:
-    """--length: label -> 0, alias -> -1, N -> N (AdaptConfig.length); BadParameter otherwise."""
-    named = {"label": 0, "alias": -1}
-    if text in named:
-        return named[text]
-    try:
-        return int(text)
-    except ValueError:
-        raise typer.BadParameter(f"--length must be label, alias or a number of rows, got {text!r}") from None
 
 
 def main() -> None:  # pragma: no cover - console entry point alternative

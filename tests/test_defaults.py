@@ -141,7 +141,7 @@ def test_adapter_defaults_are_what_the_adapter_benchmark_measured():
     args = bench.parser().parse_args([])
     assert args.preserve == cfg.w_preserve and args.preserve_neighbours == cfg.preserve_neighbours
     # embed: as many rows as the alias has tokens, pulled to its prompt features (CLI, Python and benchmark)
-    from jalias.cli import _embed_length
+    from jalias.adapt.config import parse_length
 
-    assert _embed_length(params["length"].default.default) == cfg.length == _embed_length(args.length) == -1
+    assert parse_length(params["length"].default.default) == cfg.length == parse_length(args.length) == -1
     assert args.features == cfg.w_features

@@ -27,6 +27,24 @@ class AdaptError(ValueError):
     """Bad adaptation input (one-line message): wrong run dir, adapter for another model, no alias, ..."""
 
 
+LENGTH_NAMES = {"alias": -1, "label": 0}  # AdaptConfig.length by name (`jalias adapt --length`)
+
+
+def parse_length(text: str) -> int:
+    """"alias" -> -1, "label" -> 0, "N" -> N (AdaptConfig.length); AdaptError otherwise."""
+    if text in LENGTH_NAMES:
+        return LENGTH_NAMES[text]
+    try:
+        return int(text)
+    except ValueError:
+        raise AdaptError(f"--length must be label, alias or a number of rows, got {text!r}") from None
+
+
+def length_name(length: int) -> str:
+    """The inverse of `parse_length`."""
+    return next((k for k, v in LENGTH_NAMES.items() if v == length), str(length))
+
+
 @dataclass(frozen=True)
 class AdaptConfig:
     """How an adapter is trained. The same optimiser, steps and loss code serve both teachers.
