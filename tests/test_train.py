@@ -33,9 +33,12 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch():
     state = opt.init(params)
     step = loop.make_step(cfg, tc, opt)
     losses = []
-    for _ in range(25):
+    for i in range(25):
+        passed = jax.tree_util.tree_leaves((params, state))
         params, state, loss, _ = step(params, state, batch)
         losses.append(float(loss))
+        if i == 0:  # donated: the step wrote the new params and AdamW moments over the ones passed in
+            assert all(x.is_deleted() for x in passed)
     assert np.all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3]), losses
 

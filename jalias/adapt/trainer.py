@@ -162,7 +162,9 @@ def make_step(model: Sam3, cfg: AdaptConfig, label_ids: Sequence[int]) -> Simple
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, parts
 
-    _STEPS[key] = SimpleNamespace(step=jax.jit(step), loss=jax.jit(loss_fn))
+    # the adapter's params and optimiser state are donated (updated in place; the caller passes them in and keeps
+    # only what the step returns)
+    _STEPS[key] = SimpleNamespace(step=jax.jit(step, donate_argnums=(0, 1)), loss=jax.jit(loss_fn))
     return _STEPS[key]
 
 
@@ -260,7 +262,10 @@ def train_adapter(model: Sam3, label_ids: Sequence[int], targets: Targets, cfg: 
     args = (model.params, ids, mask, dmask, targets.ctx, arrays, weights, preserve_batch(model, cfg, label_ids), feat)
 
     def save(done: int):
-        if state_dir is not None:
+        # an interrupt that lands between a step's call and the assignment of its result leaves the donated
+        # arrays deleted: then the last saved state stands (it loses the steps since, never finished work)
+        if state_dir is not None and not any(x.is_deleted() for x in jax.tree_util.tree_leaves((params, opt_state))
+                                             if isinstance(x, jax.Array)):
             save_state(state_dir, params, opt_state, {"owner": owner, "step": done, "losses": losses,
                                                       "parts": parts_log}, cfg.kind)
 

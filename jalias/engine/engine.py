@@ -394,7 +394,8 @@ class Engine:
             shared = np.zeros(n, int)
             order = np.arange(n)
             ref_feats = ref_kv = None
-        # pipelined: chunk i+1 is dispatched (jax runs it asynchronously) before chunk i's IoUs are read back
+        # pipelined: chunk i+1 is dispatched (jax runs it asynchronously) before chunk i's IoUs are read back.
+        # Nothing is donated: no output has an input's shape, and a chunk's inputs are freed when it finishes
         pending = None
         for start in range(0, n, self.chunk_size):
             idx = order[start:start + self.chunk_size]

@@ -7,6 +7,8 @@ Adam, to the continuous x (the PEZ trick). The result is the best projected sequ
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -88,7 +90,7 @@ def run(engine: ScoringEngine, config: Optional[SoftConfig] = None, *,
         opt = optax.adam(config.lr * scale)
 
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=(0, 1))  # x and the Adam state are updated in place
     def adam_step(x, opt_state, grad):
         updates, opt_state = opt.update(grad, opt_state, x)
         return optax.apply_updates(x, updates), opt_state

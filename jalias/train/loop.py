@@ -74,13 +74,14 @@ def make_step(cfg, train: TrainConfig, opt: optax.GradientTransformation) -> Cal
         out = run("detect", image, prompt, batch["attention_mask"])
         return set_loss(out, batch, train)
 
-    @jax.jit
     def step(params, opt_state, batch):
         (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, parts
 
-    return step
+    # params and optimiser state are donated: the new ones are written over the old, so a step holds one copy of
+    # the model and its AdamW moments, not two (the caller must not read the arrays it passed in)
+    return jax.jit(step, donate_argnums=(0, 1))
 
 
 @functools.lru_cache(maxsize=8)
