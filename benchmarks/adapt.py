@@ -311,6 +311,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--features", type=float, default=AdaptConfig.w_features,
                     help="AdaptConfig.w_features (alias teacher): pull the label's prompt features to the alias's "
                          "where the lengths match (embed with --length alias)")
+    ap.add_argument("--states", type=float, default=AdaptConfig.w_states,
+                    help="AdaptConfig.w_states (lora, alias teacher): pull the label's decoder query states and "
+                         "fused image tokens to the alias's (0: off)")
+    ap.add_argument("--lr-lora", type=float, default=AdaptConfig.lr_lora, help="AdaptConfig.lr_lora")
+    ap.add_argument("--targets", type=str, default=AdaptConfig.targets,
+                    help="AdaptConfig.targets (lora): a preset (text, text+fusion) or fnmatch patterns")
     ap.add_argument("--json", type=str, default=None)
     ap.add_argument("--out", type=str, default="benchmarks/out")
     return ap
@@ -329,7 +335,8 @@ def main(argv=None) -> dict:
         if getattr(a, k) is not None:
             preset[k] = getattr(a, k)
     extra = {"w_preserve": a.preserve, "preserve_neighbours": a.preserve_neighbours,
-             "length": parse_length(a.length), "w_features": a.features}
+             "length": parse_length(a.length), "w_features": a.features, "w_states": a.states,
+             "lr_lora": a.lr_lora, "targets": a.targets}
     t0 = time.perf_counter()
     rows = []
     if a.trained:

@@ -332,6 +332,8 @@ def adapt(
     preserve: float = typer.Option(100.0, help="lora: weight of keeping other prompts' text features in place "
                                                "(the label's words in other company, random words): less collateral "
                                                "damage; 0: off"),
+    states: float = typer.Option(100.0, help="lora, alias teacher: weight of pulling the label's decoder query "
+                                             "states and fused image tokens to the alias's on each image; 0: off"),
     categories: str = typer.Option("all", help="comma-separated category names, or 'all'"),
     out: Optional[Path] = typer.Option(None, help="output folder (default RUN_DIR/adapters/KIND-TEACHER)"),
     resume: bool = typer.Option(False, help="keep finished adapters, continue an interrupted one"),
@@ -345,7 +347,7 @@ def adapt(
     summary = adapt_run(run_dir, kind=kind, teacher=teacher, steps=steps, lr=lr, out=out, resume=resume,
                         categories=_categories(categories),
                         config=AdaptConfig(rank=rank, alpha=float(rank), targets=targets, w_preserve=preserve,
-                                           length=parse_length(length)),
+                                           w_states=states, length=parse_length(length)),
                         progress=not no_progress, log=lambda m: typer.echo(m, err=True))
     from rich.table import Table
 

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -22,7 +23,7 @@ import jalias
 from jalias.adapt import (AdaptConfig, AdaptedSam3, AdaptError, alias_targets, apply_adapters, gt_targets,
                           image_contexts, load_adapter, make_step, save_adapter, teacher_outputs, train_adapter)
 from jalias.adapt.adapters import Adapter, fresh_lora, lora_targets, model_fingerprint
-from jalias.adapt.trainer import label_layout
+from jalias.adapt.trainer import feature_args, fresh_params, label_layout
 from jalias.cli import app
 from jalias.data import iou, load_coco, make_dataset, write_coco
 from jalias.engine import Engine
@@ -339,6 +340,41 @@ def test_lora_merges_low_rank_updates_and_trains_adapter_params_only(model, data
     assert step.step._cache_size() == 1
 
 
+def test_state_term_pulls_a_loras_detector_states_to_the_alias(model, data):
+    """w_states (lora): the mean over training images of the relative squared distance of the label's decoder
+    query states and fused image tokens to the alias's; 0 against the label's own states; shrinks in training;
+    off (on = 0, same compiled step) for the gt teacher; no argument at all when w_states is 0."""
+    label = data["label"]
+    cfg = AdaptConfig(kind="lora", steps=12, w_states=10.0, w_preserve=0.0)
+    targets = alias_targets(data["ctx"], data["outputs"], cfg)
+    step = make_step(model, cfg, label)
+    lay = label_layout(model, label)
+    ids, mask = layout([label], model.config.context_length)
+    prompt = model.encode_text(ids, mask)
+    mine = []  # the label's own states on each image, from the detector's parts (not the teacher code)
+    for i in range(targets.n_images):
+        c = jax.tree_util.tree_map(lambda x: x[i:i + 1], data["ctx"])
+        _, parts = model.apply("detect_scores", c, prompt, jnp.asarray(model.prompt_mask(ids, mask)))
+        mine.append({k: np.asarray(parts[k], np.float64)[0] for k in ("hidden", "enc")})
+    alias_states = targets.states
+    rel = lambda a, b: ((a - b) ** 2).sum() / (b ** 2).sum()  # noqa: E731
+    want = np.mean([rel(m["hidden"], alias_states["hidden"][i]) + rel(m["enc"], alias_states["enc"][i])
+                    for i, m in enumerate(mine)])
+    fresh, _ = fresh_params(model, cfg, label)
+    args = (model.params, *lay, targets.ctx, targets.arrays(), targets.weights, None)
+    got = np.asarray(step.loss(fresh, *args, feature_args(model, cfg, targets, *lay[:2]))[1])
+    assert got[5] == pytest.approx(want, rel=1e-4) and want > 0.01
+    own = alias_targets(data["ctx"], teacher_outputs(model, label, data["ctx"]), cfg)  # the label as its own alias
+    assert float(step.loss(fresh, *args, feature_args(model, cfg, own, *lay[:2]))[1][5]) < 1e-10
+    ad = train_adapter(model, label, targets, cfg, progress=False)
+    assert ad.metrics["feature_term"] and ad.metrics["loss_parts_last"][5] < 0.9 * want, (want, ad.metrics)
+    gt = gt_targets(data["ctx"], data["gts"], data["neg"], model.config.decoder.num_queries,
+                    4 * model.config.vision.backbone.grid, cfg)
+    off = train_adapter(model, label, gt, dataclasses.replace(cfg, teacher="gt"), progress=False)
+    assert not off.metrics["feature_term"] and step.step._cache_size() == 1
+    assert feature_args(model, dataclasses.replace(cfg, w_states=0.0), targets, *lay[:2]) is None
+
+
 def test_preservation_set_holds_the_labels_neighbours(model):
     """A lora's preservation prompts: first neighbours sharing a two-token label's tokens without containing it
     (each token alone, then the label with one token swapped for a common word), then the random common-word
@@ -481,6 +517,11 @@ def test_adapting_from_an_export_equals_adapting_without_it(run, model, data, tr
     from_export = load_adapter(tmp_path / "ad" / "striped_blob")
     np.testing.assert_allclose(from_export.metrics["losses"], trained.metrics["losses"], rtol=1e-4)
     np.testing.assert_allclose(from_export.params["rows"], trained.params["rows"], rtol=0, atol=1e-4)
+    # a lora's detector-state targets are not in the export: they are computed in memory
+    calls = []
+    monkeypatch.setattr(run_adapt, "teacher_outputs", lambda *a, **k: calls.append(1) or teacher_outputs(*a, **k))
+    run_adapt.adapt_run(src, kind="lora", steps=2, out=tmp_path / "lora", progress=False, model=model)
+    assert load_adapter(tmp_path / "lora" / "striped_blob").metrics["feature_term"] and len(calls) == 1
 
 
 def test_remat_gives_the_same_loss_and_gradients(model, data):

@@ -145,3 +145,5 @@ def test_adapter_defaults_are_what_the_adapter_benchmark_measured():
 
     assert parse_length(params["length"].default.default) == cfg.length == parse_length(args.length) == -1
     assert args.features == cfg.w_features
+    # lora: pulled to the alias's detector states (CLI, Python and benchmark)
+    assert params["states"].default.default == cfg.w_states == args.states == 100.0

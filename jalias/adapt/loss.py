@@ -54,6 +54,7 @@ class Targets:
     teacher: str
     features: np.ndarray | None = None  # alias teacher: the alias's prompt features float32[T, D]
     feature_mask: np.ndarray | None = None  # and its attention mask int[T]
+    states: dict | None = None  # alias teacher: {"hidden": float32[K, Q, D], "enc": float32[K, g*g, D]}
 
     def feature_target(self, valid: int) -> dict | None:
         """{"target": float32[T, D], "mask": float32[T]}: the alias's prompt features, when the adapted label's
@@ -83,7 +84,9 @@ def teacher_outputs(model: Sam3, ids: Sequence[int], ctx: dict, threshold: float
     """The model's outputs for content ids on stacked contexts [K, ...]: pred_logits float32[K, Q],
     presence_logits [K, 1], union_logits [K, m, m] (export's key: max over the queries the prediction rule keeps
     at `threshold`, the run's --threshold; UNION_FLOOR if none), and the prompt's own prompt_features float32[T, D]
-    and attention_mask int32[T]. The mask head is the engine's `detect_fast`, what
+    and attention_mask int32[T]; the detector's internal states on each image, query_states float32[K, Q, D]
+    (decoder query states) and fused_image [K, g*g, D] (the fusion encoder's image tokens), which do not depend
+    on the prompt's length. The mask head is the engine's `detect_fast`, what
     training reads; the export's `predict` runs `detect`: the same values up to float rounding
     (tests/test_adapt.py measures it)."""
     from ..engine.predict import union_logits
@@ -92,24 +95,31 @@ def teacher_outputs(model: Sam3, ids: Sequence[int], ctx: dict, threshold: float
     prompt = model.encode_text(input_ids, mask)
     dmask = model.prompt_mask(input_ids, mask)
     k = jax.tree_util.tree_leaves(ctx)[0].shape[0]
-    outs = [model.detect_fast(jax.tree_util.tree_map(lambda x: x[i:i + 1], ctx), prompt, dmask) for i in range(k)]
+    both = [model.detect_fast_parts(jax.tree_util.tree_map(lambda x: x[i:i + 1], ctx), prompt, dmask)
+            for i in range(k)]
+    outs = [o for o, _ in both]
     logits = np.concatenate([np.asarray(o["pred_logits"], np.float32) for o in outs])
     presence = np.concatenate([np.asarray(o["presence_logits"], np.float32) for o in outs])
     masks = np.concatenate([np.asarray(o["pred_masks"], np.float32) for o in outs])
     return {"pred_logits": logits, "presence_logits": presence,
             "union_logits": union_logits(masks, np.asarray(scoring.query_keep(logits, presence, threshold))),
-            "prompt_features": np.asarray(prompt, np.float32)[0], "attention_mask": np.asarray(mask)[0]}
+            "prompt_features": np.asarray(prompt, np.float32)[0], "attention_mask": np.asarray(mask)[0],
+            "query_states": np.concatenate([np.asarray(p["hidden"], np.float32) for _, p in both]),
+            "fused_image": np.concatenate([np.asarray(p["enc"], np.float32) for _, p in both])}
 
 
 def alias_targets(ctx: dict, outputs: dict, cfg: AdaptConfig) -> Targets:
     """Alias teacher from the alias's outputs (`teacher_outputs`, or an export's pred_logits / presence_logits /
-    union_logits of the same images, and its prompt_features / attention_mask when present)."""
+    union_logits of the same images, and its prompt_features / attention_mask and query_states / fused_image
+    when present)."""
     sig = lambda x: 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))  # noqa: E731
     return Targets(ctx, sig(outputs["pred_logits"]).astype(np.float32),
                    sig(np.asarray(outputs["presence_logits"])[:, 0]).astype(np.float32),
                    (np.asarray(outputs["union_logits"]) > 0).astype(np.float32),
                    np.asarray([cfg.w_query, cfg.w_presence, cfg.w_union], np.float32), "alias",
-                   outputs.get("prompt_features"), outputs.get("attention_mask"))
+                   outputs.get("prompt_features"), outputs.get("attention_mask"),
+                   {"hidden": np.asarray(outputs["query_states"], np.float32),
+                    "enc": np.asarray(outputs["fused_image"], np.float32)} if "query_states" in outputs else None)
 
 
 def gt_targets(ctx: dict, gts: Sequence[np.ndarray], is_negative: Sequence[bool], num_queries: int,

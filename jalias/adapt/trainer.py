@@ -122,7 +122,7 @@ def make_step(model: Sam3, cfg: AdaptConfig, label_ids: Sequence[int]) -> Simple
     # models with the same config, dtype, mode and attention share a step (params are arguments, not constants)
     key = (model.config.to_json(), model.dtype.name, model.prompt_mode, repr(model.attention), cfg.kind,
            tuple(label_ids), scale, cfg.remat, cfg.lr_for(), cfg.steps, cfg.warmup, cfg.clip_norm, cfg.w_preserve,
-           cfg.w_features)
+           cfg.w_features, cfg.w_states)
     if key in _STEPS:
         return _STEPS[key]
     opt = optimizer(cfg)
@@ -132,29 +132,37 @@ def make_step(model: Sam3, cfg: AdaptConfig, label_ids: Sequence[int]) -> Simple
             ids, mask = jnp.concatenate([ids, keep["ids"]]), jnp.concatenate([mask, keep["mask"]])
         feats, det_params = prompt_features(model, cfg.kind, params, base_params, scale, ids, mask)
         prompt = feats[:1]
+        states = feat is not None and "hidden" in feat  # lora: the alias's detector states per image
 
         def one(args):
-            c, t = args
+            c, t, st = args
             c = jax.tree_util.tree_map(lambda x: x[None], c)
-            out = model.apply("detect_fast", c, prompt, dmask, params=det_params)
-            return image_loss(out, t, weights)
+            out, inner = model.apply("detect_fast_parts", c, prompt, dmask, params=det_params)
+            loss, parts = image_loss(out, t, weights)
+            if not states:
+                return loss, parts, jnp.float32(0.0)
+            rel = lambda a, b: jnp.sum((a[0].astype(jnp.float32) - b) ** 2) / jnp.maximum(jnp.sum(b ** 2), 1e-12)
+            return loss, parts, rel(inner["hidden"], st["hidden"]) + rel(inner["enc"], st["enc"])
 
         if cfg.remat:
             one = jax.checkpoint(one)
-        losses, parts = jax.lax.map(one, (ctx, targets))
+        st = {"hidden": feat["hidden"], "enc": feat["enc"]} if states else None
+        losses, parts, state_gaps = jax.lax.map(one, (ctx, targets, st))
         loss, drift = jnp.mean(losses), jnp.float32(0.0)
         if keep is not None:
             valid = keep["mask"][..., None].astype(jnp.float32)
             drift = (jnp.sum((feats[1:].astype(jnp.float32) - keep["base"]) ** 2 * valid)
                      / jnp.sum(keep["base"] ** 2 * valid))
             loss = loss + cfg.w_preserve * drift
-        gap = jnp.float32(0.0)
-        if feat is not None:  # the label's prompt features against the alias's, position by position
+        gap, state_gap = jnp.float32(0.0), jnp.mean(state_gaps)
+        if states:  # the detector's query states and fused image tokens against the alias's, image by image
+            loss = loss + cfg.w_states * feat["on"] * state_gap
+        elif feat is not None:  # the label's prompt features against the alias's, position by position
             m, want = feat["mask"][:, None], feat["target"]
             gap = jnp.sum((prompt[0].astype(jnp.float32) - want) ** 2 * m) / jnp.maximum(jnp.sum(want ** 2 * m),
                                                                                          1e-12)
             loss = loss + cfg.w_features * feat["on"] * gap
-        return loss, jnp.concatenate([jnp.mean(parts, axis=0), drift[None], gap[None]])
+        return loss, jnp.concatenate([jnp.mean(parts, axis=0), drift[None], gap[None], state_gap[None]])
 
     def step(params, opt_state, base_params, ids, mask, dmask, ctx, targets, weights, keep=None, feat=None):
         (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, base_params, ids, mask, dmask,
@@ -179,12 +187,26 @@ def label_layout(model: Sam3, label_ids: Sequence[int], length: int | None = Non
 
 
 def feature_args(model: Sam3, cfg: AdaptConfig, targets: Targets, ids, mask) -> dict | None:
-    """The step's `feat` argument: None for lora; for embed {"target": float32[T, D], "mask": float32[T], "on"}:
-    the alias's prompt features (`Targets.feature_target`, on = 1) when cfg.w_features > 0 and the label's
-    prompt (ids / mask [1, T]) is as long as the alias's, else zeros with on = 0. Always present for embed, so
-    both teachers run one compiled step."""
-    if cfg.kind != "embed":
-        return None
+    """The step's `feat` argument, the same shapes for both teachers so that they run one compiled step.
+
+    lora: None when cfg.w_states is 0 (the default); else {"hidden": float32[K, Q, D], "enc": float32[K, g*g, D],
+    "on"}: the alias's decoder query states and fused image tokens on each training image (`Targets.states`,
+    on = 1), or zeros with on = 0 (gt teacher). They line up whatever the two prompts' lengths.
+    embed: {"target": float32[T, D], "mask": float32[T], "on"}: the alias's prompt features
+    (`Targets.feature_target`, on = 1) when cfg.w_features > 0 and the label's prompt (ids / mask [1, T]) is as
+    long as the alias's, else zeros with on = 0."""
+    if cfg.kind == "lora":
+        if cfg.w_states <= 0:
+            return None
+        if targets.states is not None:
+            return {"hidden": jnp.asarray(targets.states["hidden"], jnp.float32),
+                    "enc": jnp.asarray(targets.states["enc"], jnp.float32), "on": jnp.float32(1.0)}
+        c = jax.tree_util.tree_map(lambda x: x[:1], targets.ctx)
+        prompt = jax.eval_shape(lambda: model.apply("text_features", ids, mask))
+        _, inner = jax.eval_shape(lambda p: model.apply("detect_fast_parts", c, p, mask), prompt)
+        k = targets.n_images
+        return {"hidden": jnp.zeros((k, *inner["hidden"].shape[1:]), jnp.float32),
+                "enc": jnp.zeros((k, *inner["enc"].shape[1:]), jnp.float32), "on": jnp.float32(0.0)}
     got = targets.feature_target(int(np.sum(mask))) if cfg.w_features > 0 else None
     if got is not None:
         return {**got, "on": jnp.float32(1.0)}

@@ -184,6 +184,14 @@ class Sam3Module(nn.Module):
     def detect_fast(self, image, prompt, prompt_mask, detach_boxes: bool = True):
         return self.detect(image, prompt, prompt_mask, fast=True, detach_boxes=detach_boxes)
 
+    def detect_fast_parts(self, image, prompt, prompt_mask, detach_boxes: bool = True):
+        """`detect_fast`'s outputs and the internal states they come from: (out, parts) as `detect_scores`
+        returns them (parts: hidden [B, Q, D] decoder query states, enc [B, g*g, D] fused image tokens, ...), with
+        out["pred_masks"] added. What adapter distillation reads (`jalias.adapt`)."""
+        out, parts = self.detect_scores(image, prompt, prompt_mask, detach_boxes)
+        out["pred_masks"] = self.mask_logits_fast(image, parts)
+        return out, parts
+
     def __call__(self, pixel_values, input_ids, attention_mask):
         """Full forward, same inputs/outputs as transformers' Sam3Model (text prompts)."""
         image = self.encode_image(pixel_values)
@@ -257,6 +265,9 @@ class Sam3:
 
     def detect_fast(self, image: dict, prompt, prompt_mask) -> dict:
         return self._jitted("detect_fast")(self.params, image, prompt, jnp.asarray(prompt_mask))
+
+    def detect_fast_parts(self, image: dict, prompt, prompt_mask) -> tuple[dict, dict]:
+        return self._jitted("detect_fast_parts")(self.params, image, prompt, jnp.asarray(prompt_mask))
 
     @property
     def num_params(self) -> int:

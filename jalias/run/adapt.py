@@ -3,7 +3,8 @@
 For each category (with an alias, for the alias teacher) the images the run recorded are rebuilt; the adapter is
 trained on the search images (teacher targets from RUN_DIR/export/<slug>.npz when an export of the same alias,
 prompt mode and threshold exists, else computed in memory by `teacher_outputs`: the same values up to float
-rounding, as tests/test_adapt.py checks) and then measured with the engine's exact IoU. The prediction rule's
+rounding, as tests/test_adapt.py checks; a lora's detector-state targets, which the export does not hold, always in
+memory) and then measured with the engine's exact IoU. The prediction rule's
 threshold, for the teacher's masks and every IoU, is the run's `--threshold` (AdaptConfig.threshold is set
 from run.json):
 
@@ -131,6 +132,9 @@ def adapt_run(run_dir: str | os.PathLike, kind: str = "embed", teacher: str = "a
             outputs = _export_outputs(run, res, model.prompt_mode, s, cfg.threshold)
             if outputs is None:
                 outputs = teacher_outputs(model, res["alias_ids"], ctx, cfg.threshold)
+            elif cfg.kind == "lora" and cfg.w_states > 0:  # the export holds no detector states: computed here
+                mine = teacher_outputs(model, res["alias_ids"], ctx, cfg.threshold)
+                outputs = {**outputs, "query_states": mine["query_states"], "fused_image": mine["fused_image"]}
             targets = alias_targets(ctx, outputs, cfg)
         else:
             targets = gt_targets(ctx, pick("gts", s), neg[s], model.config.decoder.num_queries, m, cfg)
