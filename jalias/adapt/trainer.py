@@ -109,12 +109,14 @@ def label_neighbours(label_ids: Sequence[int], vocab: np.ndarray, n: int, rng: n
 
 def make_step(model: Sam3, cfg: AdaptConfig, label_ids: Sequence[int]) -> SimpleNamespace:
     """.step: jit(step)(params, opt_state, base_params, ids, mask, detect_mask, ctx, targets, weights, keep)
-    -> (params, opt_state, loss, parts[5]); .loss: jit(loss_fn)(params, base_params, ...) -> (loss, parts).
-    parts: query, presence, union (image terms, `loss.image_loss`), drift and gap. feat (`feature_args`, or
-    None): the alias's prompt features; the loss then adds w_features * on * gap, gap = the sum of squared
-    differences of the label's prompt features to them over the alias's valid positions / the sum of their
-    squares. One function (and one compiled program per shape) for both teachers: the teacher only changes the
-    target arrays and the term weights, which are arguments. keep (`preserve_batch`, or None): other prompts
+    -> (params, opt_state, loss, parts[6]); .loss: jit(loss_fn)(params, base_params, ...) -> (loss, parts).
+    parts: query, presence, union (image terms, `loss.image_loss`), drift, gap and state gap. feat
+    (`feature_args`, or None): embed: the alias's prompt features; the loss then adds w_features * on * gap, gap =
+    the sum of squared differences of the label's prompt features to them over the alias's valid positions / the
+    sum of their squares. lora: the alias's query states and fused image tokens per image; the loss adds
+    w_states * on * state gap, the mean over images of the same relative distance for each of the two. One
+    function (and one compiled program per shape) for both teachers: the teacher only changes the target arrays
+    and the term weights, which are arguments. keep (`preserve_batch`, or None): other prompts
     whose prompt features should not move; the loss then adds w_preserve * drift, drift = sum of squared feature
     changes over their valid positions / the sum of their squared base features (0 for an embed adapter: those
     prompts never are the label)."""
@@ -189,8 +191,8 @@ def label_layout(model: Sam3, label_ids: Sequence[int], length: int | None = Non
 def feature_args(model: Sam3, cfg: AdaptConfig, targets: Targets, ids, mask) -> dict | None:
     """The step's `feat` argument, the same shapes for both teachers so that they run one compiled step.
 
-    lora: None when cfg.w_states is 0 (the default); else {"hidden": float32[K, Q, D], "enc": float32[K, g*g, D],
-    "on"}: the alias's decoder query states and fused image tokens on each training image (`Targets.states`,
+    lora: None when cfg.w_states is 0 (the term off; the default is 100); else {"hidden": float32[K, Q, D],
+    "enc": float32[K, g*g, D], "on"}: the alias's decoder query states and fused image tokens on each training image (`Targets.states`,
     on = 1), or zeros with on = 0 (gt teacher). They line up whatever the two prompts' lengths.
     embed: {"target": float32[T, D], "mask": float32[T], "on"}: the alias's prompt features
     (`Targets.feature_target`, on = 1) when cfg.w_features > 0 and the label's prompt (ids / mask [1, T]) is as
