@@ -192,8 +192,9 @@ def feature_args(model: Sam3, cfg: AdaptConfig, targets: Targets, ids, mask) -> 
     """The step's `feat` argument, the same shapes for both teachers so that they run one compiled step.
 
     lora: None when cfg.w_states is 0 (the term off; the default is 100); else {"hidden": float32[K, Q, D],
-    "enc": float32[K, g*g, D], "on"}: the alias's decoder query states and fused image tokens on each training image (`Targets.states`,
-    on = 1), or zeros with on = 0 (gt teacher). They line up whatever the two prompts' lengths.
+    "enc": float32[K, g*g, D], "on"}: the alias's decoder query states and fused image tokens on each training
+    image (`Targets.states`, on = 1), or zeros with on = 0 (gt teacher). They line up whatever the two prompts'
+    lengths.
     embed: {"target": float32[T, D], "mask": float32[T], "on"}: the alias's prompt features
     (`Targets.feature_target`, on = 1) when cfg.w_features > 0 and the label's prompt (ids / mask [1, T]) is as
     long as the alias's, else zeros with on = 0."""
