@@ -249,8 +249,9 @@ def test_cudnn_policy_falls_back_where_cudnn_cannot_run():
 
 @pytest.mark.parametrize("shape", [(2, 5, 7, 6), (1, 4, 4, 8)])
 def test_upsample2_conv3x3_equals_torch_conv_of_the_upsampled_map(shape):
-    """The mask head's folded upsample+conv (one 3x3 conv with 4 x O channels at low resolution, then the phases
-    interleaved) against torch: F.interpolate(nearest, x2) then conv2d(padding 1), odd and non-square sizes."""
+    """The mask head's folded upsample+conv (per row phase one 2x2 convolution with 2 x O channels at the low
+    resolution, then the phases interleaved) against torch: F.interpolate(nearest, x2) then conv2d(padding 1),
+    odd and non-square sizes."""
     import torch
 
     from jalias.model.heads import upsample2_conv3x3
@@ -264,3 +265,30 @@ def test_upsample2_conv3x3_equals_torch_conv_of_the_upsampled_map(shape):
     got = np.asarray(upsample2_conv3x3(jnp.asarray(x), jnp.asarray(k)))
     assert got.shape == ref.shape
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(3, 6, 5, 32), (2, 4, 4, 16)])
+def test_group_norm_relu_equals_a_float64_group_norm(shape):
+    """The engine's pixel-decoder GroupNorm + relu (per-channel sums, then per group) against GroupNorm + relu
+    computed in float64 by numpy, on inputs far from zero mean (where a one-pass variance loses digits: torch's
+    CPU group_norm is up to 1.2e-4 off here, flax's two-pass nn.GroupNorm 7e-6, this one 5e-6); in bf16 against
+    flax's nn.GroupNorm in bf16 (what the reference path runs), to bf16 rounding."""
+    import flax.linen as nn
+
+    from jalias.model.heads import group_norm_relu
+
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(shape) * 2 + 30).astype(np.float32)
+    scale, bias = rng.standard_normal(shape[-1]).astype(np.float32), rng.standard_normal(shape[-1]).astype(np.float32)
+    z = x.astype(np.float64).reshape(*shape[:3], 8, shape[-1] // 8)
+    mean, var = z.mean((1, 2, 4), keepdims=True), z.var((1, 2, 4), keepdims=True)
+    ref = np.maximum(((z - mean) / np.sqrt(var + 1e-5)).reshape(shape) * scale + bias, 0)
+    got = np.asarray(group_norm_relu(jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias), 8, 1e-5))
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
+    gn = nn.GroupNorm(num_groups=8, epsilon=1e-5, dtype=jnp.bfloat16, use_fast_variance=False)
+    params = {"params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)}}
+    xb = jnp.asarray(x, jnp.bfloat16)
+    want = np.asarray(jax.nn.relu(gn.apply(params, xb)), np.float32)
+    got_b = group_norm_relu(xb, jnp.asarray(scale), jnp.asarray(bias), 8, 1e-5)
+    assert got_b.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got_b, np.float32), want, rtol=1e-2, atol=1e-2)

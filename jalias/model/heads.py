@@ -69,6 +69,25 @@ def upsample2_conv3x3(x: jax.Array, k: jax.Array) -> jax.Array:
     return jnp.stack(phases, 2).reshape(b, 2 * h, 2 * w, o)  # [B, H, 2(a), W, 2(p), O] -> interleaved
 
 
+def group_norm_relu(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int, eps: float) -> jax.Array:
+    """relu(GroupNorm(x)) over NHWC x [B, H, W, C] -> [B, H, W, C] in x's dtype: what flax's
+    `nn.GroupNorm(use_fast_variance=False)` + relu compute (two-pass variance, statistics in float32), equal up to
+    float rounding. Faster on XLA's CPU backend (1.8-2.3x at the mask head's shapes, benchmarks/RESULTS.md): the
+    sums run over the spatial axes per channel first, then over each group's channels, on a [B, C] array instead of
+    one reduction over a [B, H, W, G, C/G] view."""
+    b, h, w, c = x.shape
+    per = c // groups
+    n = h * w * per
+    z = x.astype(jnp.float32)
+
+    def group_stat(v):  # per-channel sums [B, C] -> each group's mean, per channel [B, 1, 1, C]
+        return jnp.repeat(v.reshape(b, groups, per).sum(-1) / n, per, axis=1)[:, None, None, :]
+
+    d = z - group_stat(z.sum((1, 2)))
+    inv = jax.lax.rsqrt(group_stat((d * d).sum((1, 2))) + eps)
+    return jax.nn.relu(d * (inv * scale.astype(jnp.float32)) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
 class PixelDecoder(nn.Module):
     """FPN top-down path: [4x, 2x, 1x] maps -> pixel embeddings at the 4x resolution [B, 4g, 4g, D]."""
 
@@ -102,7 +121,9 @@ class PixelDecoder(nn.Module):
             else:
                 y = jax.lax.conv_general_dilated(resize_nearest(x, t.shape[1:3]), k.astype(x.dtype), (1, 1),
                                                  ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
-            x = jax.nn.relu(self.norms[i](y + t.astype(y.dtype)))
+            norm = self.norms[i]
+            p = norm.variables["params"]
+            x = group_norm_relu(y + t.astype(y.dtype), p["scale"], p["bias"], norm.num_groups, norm.epsilon)
         return x
 
 
