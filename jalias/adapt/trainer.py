@@ -107,6 +107,13 @@ def label_neighbours(label_ids: Sequence[int], vocab: np.ndarray, n: int, rng: n
     return out
 
 
+def rel_sq(x, target, weight=1.0):
+    """Relative squared distance: sum(weight * (x - target)^2) / sum(weight * target^2) (floored at 1e-12), in
+    float32; weight broadcasts against both (a validity mask, or 1)."""
+    x, target = x.astype(jnp.float32), target.astype(jnp.float32)
+    return jnp.sum((x - target) ** 2 * weight) / jnp.maximum(jnp.sum(target ** 2 * weight), 1e-12)
+
+
 def make_step(model: Sam3, cfg: AdaptConfig, label_ids: Sequence[int]) -> SimpleNamespace:
     """.step: jit(step)(params, opt_state, base_params, ids, mask, detect_mask, ctx, targets, weights, keep)
     -> (params, opt_state, loss, parts[6]); .loss: jit(loss_fn)(params, base_params, ...) -> (loss, parts).
@@ -143,8 +150,7 @@ def make_step(model: Sam3, cfg: AdaptConfig, label_ids: Sequence[int]) -> Simple
             loss, parts = image_loss(out, t, weights)
             if not states:
                 return loss, parts, jnp.float32(0.0)
-            rel = lambda a, b: jnp.sum((a[0].astype(jnp.float32) - b) ** 2) / jnp.maximum(jnp.sum(b ** 2), 1e-12)
-            return loss, parts, rel(inner["hidden"], st["hidden"]) + rel(inner["enc"], st["enc"])
+            return loss, parts, rel_sq(inner["hidden"][0], st["hidden"]) + rel_sq(inner["enc"][0], st["enc"])
 
         if cfg.remat:
             one = jax.checkpoint(one)
@@ -153,16 +159,14 @@ def make_step(model: Sam3, cfg: AdaptConfig, label_ids: Sequence[int]) -> Simple
         loss, drift = jnp.mean(losses), jnp.float32(0.0)
         if keep is not None:
             valid = keep["mask"][..., None].astype(jnp.float32)
-            drift = (jnp.sum((feats[1:].astype(jnp.float32) - keep["base"]) ** 2 * valid)
-                     / jnp.sum(keep["base"] ** 2 * valid))
+            drift = rel_sq(feats[1:], keep["base"], valid)
             loss = loss + cfg.w_preserve * drift
         gap, state_gap = jnp.float32(0.0), jnp.mean(state_gaps)
         if states:  # the detector's query states and fused image tokens against the alias's, image by image
             loss = loss + cfg.w_states * feat["on"] * state_gap
         elif feat is not None:  # the label's prompt features against the alias's, position by position
             m, want = feat["mask"][:, None], feat["target"]
-            gap = jnp.sum((prompt[0].astype(jnp.float32) - want) ** 2 * m) / jnp.maximum(jnp.sum(want ** 2 * m),
-                                                                                         1e-12)
+            gap = rel_sq(prompt[0], want, m)
             loss = loss + cfg.w_features * feat["on"] * gap
         return loss, jnp.concatenate([jnp.mean(parts, axis=0), drift[None], gap[None], state_gap[None]])
 

@@ -136,12 +136,11 @@ class Sam3Module(nn.Module):
         fast=True uses the engine's reordered mask decoder (same values up to float rounding). detach_boxes=False
         lets gradients flow through the decoder's box refinement (SAM3 detaches it; search wants exact gradients).
         """
-        out, parts = self.detect_scores(image, prompt, prompt_mask, detach_boxes)
         if fast:
-            out["pred_masks"] = self.mask_logits_fast(image, parts)
-        else:
-            out["pred_masks"], out["semantic_seg"] = self.mask_decoder(parts["hidden"], image["fpn"], parts["enc"],
-                                                                       parts["prompt"], parts["bias"])
+            return self.detect_fast_parts(image, prompt, prompt_mask, detach_boxes)[0]
+        out, parts = self.detect_scores(image, prompt, prompt_mask, detach_boxes)
+        out["pred_masks"], out["semantic_seg"] = self.mask_decoder(parts["hidden"], image["fpn"], parts["enc"],
+                                                                   parts["prompt"], parts["bias"])
         return out
 
     def detect_scores(self, image, prompt, prompt_mask, detach_boxes: bool = True):

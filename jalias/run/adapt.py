@@ -3,8 +3,8 @@
 For each category (with an alias, for the alias teacher) the images the run recorded are rebuilt; the adapter is
 trained on the search images (teacher targets from RUN_DIR/export/<slug>.npz when an export of the same alias,
 prompt mode and threshold exists, else computed in memory by `teacher_outputs`: the same values up to float
-rounding, as tests/test_adapt.py checks; a lora's detector-state targets, which the export does not hold, always in
-memory) and then measured with the engine's exact IoU. The prediction rule's
+rounding, as tests/test_adapt.py checks; a lora that reads the detector states, which the export does not hold,
+computes all its targets in memory) and then measured with the engine's exact IoU. The prediction rule's
 threshold, for the teacher's masks and every IoU, is the run's `--threshold` (AdaptConfig.threshold is set
 from run.json):
 
@@ -129,12 +129,11 @@ def adapt_run(run_dir: str | os.PathLike, kind: str = "embed", teacher: str = "a
         pick = lambda key, sel: [x for x, keep in zip(inputs[key], sel) if keep]  # noqa: E731
         ctx = image_contexts(model, pick("images", s))
         if cfg.teacher == "alias":
-            outputs = _export_outputs(run, res, model.prompt_mode, s, cfg.threshold)
+            # the export holds no detector states, so a lora that reads them computes the whole teacher here
+            states = cfg.kind == "lora" and cfg.w_states > 0
+            outputs = None if states else _export_outputs(run, res, model.prompt_mode, s, cfg.threshold)
             if outputs is None:
                 outputs = teacher_outputs(model, res["alias_ids"], ctx, cfg.threshold)
-            elif cfg.kind == "lora" and cfg.w_states > 0:  # the export holds no detector states: computed here
-                mine = teacher_outputs(model, res["alias_ids"], ctx, cfg.threshold)
-                outputs = {**outputs, "query_states": mine["query_states"], "fused_image": mine["fused_image"]}
             targets = alias_targets(ctx, outputs, cfg)
         else:
             targets = gt_targets(ctx, pick("gts", s), neg[s], model.config.decoder.num_queries, m, cfg)

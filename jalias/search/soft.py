@@ -8,7 +8,6 @@ Adam, to the continuous x (the PEZ trick). The result is the best projected sequ
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
