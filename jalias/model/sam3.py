@@ -181,7 +181,7 @@ class Sam3Module(nn.Module):
         return self.mask_decoder.masks_from_pixels(hidden, pixels)
 
     def detect_fast(self, image, prompt, prompt_mask, detach_boxes: bool = True):
-        return self.detect(image, prompt, prompt_mask, fast=True, detach_boxes=detach_boxes)
+        return self.detect_fast_parts(image, prompt, prompt_mask, detach_boxes)[0]
 
     def detect_fast_parts(self, image, prompt, prompt_mask, detach_boxes: bool = True):
         """`detect_fast`'s outputs and the internal states they come from: (out, parts) as `detect_scores`
