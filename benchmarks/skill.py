@@ -7,6 +7,8 @@ On the evaluation images of `jalias.train.evaluate.skill` (EVAL_STREAM, never tr
 - rule: the engine's rule (queries with query prob x presence prob > threshold, their masks unioned);
 - best query: the single query whose mask best matches the ground truth (an oracle on the decoder's masks);
 - semantic: the mask head's semantic map > 0 (SAM3's other output, not used by the rule);
+- grid cap: the ground truth area-averaged onto the mask head's m x m grid (m = 4 x ViT grid), minus 0.5, resized
+  as the model's masks are: the IoU the mask resolution itself allows (an upper bound for any mask of that grid);
 - the rule at other keep thresholds, with the empty rate on negatives (other concepts' images) at each.
 At the rule's 0.5 this recomputes `metrics.json`'s id_iou and id_empty_rate by other code (numpy here).
 The oracle columns say how much of the gap is the masks and how much is choosing them.
@@ -43,6 +45,17 @@ def upsample(logits: np.ndarray, size: int) -> np.ndarray:
     """float[..., m, m] -> bool[..., size, size]: bilinear resize (the engine's matrices), > 0."""
     r = bilinear_matrix(size, logits.shape[-1])
     return np.einsum("hm,...mn,wn->...hw", r, logits, r) > 0
+
+
+def grid_cap(gt: np.ndarray, m: int) -> float:
+    """IoU of gt [H, W] bool with its own area average on an m x m grid (cells of the pixels whose index x m // H
+    falls there), thresholded at 0.5 after the same bilinear resize the model's mask logits get."""
+    h, w = gt.shape
+    rows, cols = (np.arange(h) * m) // h, (np.arange(w) * m) // w
+    total, count = np.zeros((m, m)), np.zeros((m, m))
+    np.add.at(total, (rows[:, None], cols[None, :]), gt.astype(np.float64))
+    np.add.at(count, (rows[:, None], cols[None, :]), 1.0)
+    return iou(upsample(total / count - 0.5, h), gt)
 
 
 def outputs(model, image: np.ndarray, ids: list[int], cache: dict, key) -> dict:
@@ -92,6 +105,7 @@ def diagnose(model, n_images: int = 8) -> dict:
                 "rule": {t: iou(rule_mask(o, t, size), gt) for t in THRESHOLDS},
                 "best_query": max(iou(m, gt) for m in upsample(o["pred_masks"], size)),
                 "semantic": iou(upsample(o["semantic_logits"], size), gt),
+                "grid_cap": grid_cap(gt, o["pred_masks"].shape[-1]),
                 "top_score": float(o["scores"].max()),
             })
         negs = [(n, sc.image) for n, sc in firsts.items()
@@ -107,7 +121,8 @@ def summary(rows: list[dict]) -> dict:
         return float(np.mean([np.mean([f(p) for p in r["pos"]]) for r in rows]))
 
     out = {"best_query": mean_over_concepts(lambda p: p["best_query"]),
-           "semantic": mean_over_concepts(lambda p: p["semantic"]), "rule": {}}
+           "semantic": mean_over_concepts(lambda p: p["semantic"]),
+           "grid_cap": mean_over_concepts(lambda p: p["grid_cap"]), "rule": {}}
     for t in THRESHOLDS:
         empty = float(np.mean([np.mean(r["neg_empty"][t]) for r in rows]))
         out["rule"][t] = {"id_iou": mean_over_concepts(lambda p: p["rule"][t]), "empty_rate": empty}
@@ -122,7 +137,8 @@ def table(s: dict) -> str:
     lines = ["| keep threshold | ID label IoU (rule) | empty on negatives |", "|---:|---:|---:|"]
     lines += [f"| {t} | {v['id_iou']:.3f} | {v['empty_rate']:.2f} |" for t, v in s["rule"].items()]
     q = s["top_score_quartiles"]
-    lines += ["", f"oracle best single query: {s['best_query']:.3f}; semantic map > 0: {s['semantic']:.3f}",
+    lines += ["", f"oracle best single query: {s['best_query']:.3f}; semantic map > 0: {s['semantic']:.3f}; "
+              f"mask-grid cap: {s['grid_cap']:.3f}",
               f"top query score quartiles: positives {np.round(q['positives'], 3).tolist()}, "
               f"negatives {np.round(q['negatives'], 3).tolist()}"]
     return "\n".join(lines)
