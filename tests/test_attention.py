@@ -227,9 +227,10 @@ def test_engine_soft_loss_through_blocked_attention(tiny_setup, monkeypatch):
     monkeypatch.setattr(layers, "attend_blocked", small_blocks)
     loss, grad = _soft_loss_and_grad(*tiny_setup, attention=layers.AttentionPolicy(blocked_min_pairs=1))
     assert len(calls) > 5
-    assert np.isfinite(loss) and abs(loss - ref_loss) <= 1e-5 * max(1.0, abs(ref_loss)), (loss, ref_loss)
+    # measured (2026-12-07): loss identical, gradients within 5.4e-7 of the largest gradient
+    assert np.isfinite(loss) and abs(loss - ref_loss) <= 1e-6 * max(1.0, abs(ref_loss)), (loss, ref_loss)
     assert np.all(np.isfinite(grad)) and np.abs(ref_grad).max() > 0
-    np.testing.assert_allclose(grad, ref_grad, atol=1e-4 * np.abs(ref_grad).max(), rtol=1e-3)
+    np.testing.assert_allclose(grad, ref_grad, atol=1e-5 * np.abs(ref_grad).max(), rtol=0)
 
 
 def test_cudnn_policy_falls_back_where_cudnn_cannot_run():

@@ -20,8 +20,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 
 from safetensors.numpy import save_file  # noqa: E402
 
@@ -37,6 +37,7 @@ from jalias.weights.meta import hf_to_meta  # noqa: E402
 
 OUTPUTS = ("pred_logits", "pred_boxes", "presence_logits", "pred_masks")
 SCORE_ATOL, MASK_ATOL, MIN_IOU, BF16_MEAN_IOU = 1e-4, 1e-3, 0.99, 0.95
+BF16_MAX_DIFF = {"pred_logits": 0.05, "pred_boxes": 0.01, "presence_logits": 0.005}  # bf16-stored weights vs float32
 PROMPTS = ["cat", "a big red fire truck parked next to two people", ""]
 SEED = 5  # weight seed; the reference is checked to be prompt-sensitive below
 
@@ -293,7 +294,10 @@ def test_bfloat16_conversion(ref, tmp_path):
     got = forward(model, ref.inputs)
     iou = mask_iou(got["pred_masks"], ref.out["pred_masks"])
     assert iou.mean() >= BF16_MEAN_IOU, f"bf16 mean mask IoU {iou.mean():.3f}"
-    assert np.abs(got["pred_logits"] - ref.out["pred_logits"]).max() < 0.5
+    errs = {k: float(np.abs(got[k] - ref.out[k]).max()) for k in ("pred_logits", "pred_boxes", "presence_logits")}
+    print("bf16 storage vs float32 torch, max |diff|:", errs)
+    for k, bound in BF16_MAX_DIFF.items():  # measured 0.0123 / 0.0035 / 0.0005 (2026-12-07)
+        assert errs[k] <= bound, (k, errs[k], bound)
     # bf16 compute keeps bf16 params; an Orbax source can be re-cast
     assert {x.dtype for x in jax.tree.leaves(load(bf16, dtype="bfloat16").params)} == {np.dtype("bfloat16")}
     recast = convert(f32, tmp_path / "recast", dtype="bfloat16", progress=False)

@@ -52,6 +52,9 @@ SEED = 0         # data
 PARAM_SEED = 1   # weights
 N_CAND = 23      # not a multiple of the chunk size 8
 LENGTH = 8       # content tokens per candidate
+# engine vs torch: a float-rounding flip of one mask pixel at a logit of ~0 moves an IoU by ~1/union pixels; measured
+# 0 (every pair identical, 2026-12-07), so this allows one or two such pixels and nothing more
+TORCH_IOU_ATOL = 0.005
 
 
 # ---- model and data -------------------------------------------------------------------------------------------
@@ -224,7 +227,7 @@ def test_engine_matches_torch_reference(scores, reference):
     exact = float((diff == 0).mean())
     print(f"engine == torch on {exact:.4f} of {diff.size} pairs; max |diff| {diff.max():.3g}")
     assert exact >= 0.99, f"engine IoU equals the torch reference on only {exact:.3f} of pairs"
-    assert diff.max() <= 0.02, f"max |engine - torch| IoU = {diff.max():.3g}"
+    assert diff.max() <= TORCH_IOU_ATOL, f"max |engine - torch| IoU = {diff.max():.3g}"
 
 
 def test_mask_head_gating_matches_torch_when_few_candidates_keep_a_query(setup, reference):
@@ -240,10 +243,10 @@ def test_mask_head_gating_matches_torch_when_few_candidates_keep_a_query(setup, 
                    prefix_cache=False)
     got = gated.score(setup.cand[:16])
     diff = np.abs(got - ref["iou"])
-    assert (diff == 0).mean() >= 0.99 and diff.max() <= 0.02, (diff == 0).mean()
+    assert (diff == 0).mean() >= 0.99 and diff.max() <= TORCH_IOU_ATOL, ((diff == 0).mean(), diff.max())
     plain = Engine(setup.model, setup.images, setup.gts, negative=setup.negative, chunk_size=16, threshold=thr,
                    prefix_cache=False, mask_gate=0)
-    np.testing.assert_allclose(plain.score(setup.cand[:16]), got, atol=0.02)
+    np.testing.assert_array_equal(plain.score(setup.cand[:16]), got)  # skipping groups changes no value
     with pytest.raises(ValueError, match="mask_gate"):
         Engine(setup.model, setup.images[:1], setup.gts[:1], mask_gate=-1)
 
@@ -258,7 +261,7 @@ def test_kept_queries_only_get_masks_and_still_match_torch(setup, reference):
                  max_kept=(2, 1))
     assert few.max_kept == (1, 2)
     diff = np.abs(few.score(setup.cand[:16]) - reference["iou"][:16])
-    assert (diff == 0).mean() >= 0.99 and diff.max() <= 0.02, ((diff == 0).mean(), diff.max())
+    assert (diff == 0).mean() >= 0.99 and diff.max() <= TORCH_IOU_ATOL, ((diff == 0).mean(), diff.max())
     for bad in (0, (), (2, 0)):
         with pytest.raises(ValueError, match="max_kept"):
             Engine(setup.model, setup.images[:1], setup.gts[:1], max_kept=bad)
@@ -523,8 +526,7 @@ def test_exact_iou_kept_queries_only(kept_counts):
     ref = _torch_union_iou(out, gt)
     assert few.shape == (len(kept_counts),) and few.dtype == np.float32
     np.testing.assert_array_equal(few, every)
-    np.testing.assert_allclose(few, ref, atol=0.02)
-    assert np.mean(few == ref) >= 0.8
+    np.testing.assert_array_equal(few, ref)
     assert np.all(few[np.asarray(kept_counts) == 0] == 0)  # nothing predicted, non-empty GT
     assert len(set(few[np.asarray(kept_counts) > 0].round(6))) >= 3  # candidates really differ
     with pytest.raises(ValueError, match="max_kept"):

@@ -7,9 +7,7 @@ import sys
 import ml_dtypes
 import numpy as np
 import pytest
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
 
 from jalias.weights.meta import hf_to_meta, load_meta_checkpoint, meta_to_hf  # noqa: E402
 

@@ -8,28 +8,31 @@
     `sam3.pt`), converted with `jalias convert`'s code (Meta checkpoint -> Orbax -> `load`), same images (square
     and non-square: Meta resizes to the square model input) and the same prompts.
   * Checked: preprocessing (<= 1e-6), FPN / text / geometry-CLS stages (<= 1e-4 relative), pred_logits,
-    presence and boxes (<= 1e-3 abs), box format (Meta's pred_boxes are cxcywh, its pred_boxes_xyxy equal
+    presence and boxes (<= 1e-5 abs), box format (Meta's pred_boxes are cxcywh, its pred_boxes_xyxy equal
     jalias's pred_boxes), per-query mask IoU >= 0.99, identical kept-query sets, union masks equal to the
     processor's `state["masks"]` at its threshold, and token id 0 ("!"): Meta masks `ids != 0`, so must jalias.
   * "hf" mode on the same weights disagrees with Meta (the CLS token matters), which is what "meta" fixes.
 
 Skipped (with the reason) only when Meta's package cannot be imported; `tests/install_meta_oracle.sh` installs it.
+.ci/run sets JALIAS_REQUIRE_META=1, which turns that skip into a failure.
 """
 
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-import meta_reference as mr  # noqa: E402
+import meta_reference as mr
 
 try:
     mr.import_sam3()
 except ImportError as e:  # pragma: no cover - depends on the machine
+    if os.environ.get("JALIAS_REQUIRE_META") == "1":  # .ci/run sets it: there a missing oracle fails the suite
+        raise
     pytest.skip(str(e), allow_module_level=True)
 
 from jalias.engine.predict import predict  # noqa: E402
@@ -46,7 +49,8 @@ PROMPTS = ("cat", "a big red fire truck parked on the left side of the road", ""
 SHAPES = ((56, 56), (40, 70), (90, 60))  # square, wide, tall (Meta resizes to SIZE x SIZE, ignoring aspect)
 ZERO_IDS = (320, 0, 2368)  # "a", "!" (id 0), "cat": Meta's mask drops the 0, CLIP still reads it
 
-SCORE_ATOL = 1e-3
+SCORE_ATOL = 1e-5  # measured worst case 7.5e-7 (pred_logits), 2026-12-07
+HF_GAP_MIN = 1e-2  # hf mode must miss Meta's logits by at least this much
 STAGE_RTOL = 1e-4
 PIXEL_ATOL = 1e-6
 MIN_IOU = 0.99
@@ -248,7 +252,7 @@ def test_hf_mode_is_not_meta(oracle):
         ours = oracle.ours(hf, i, content(prompt))
         gap = max(gap, float(np.abs(ours["pred_logits"][0]
                                     - oracle.ref[(i, prompt)]["out"]["pred_logits"][0, :, 0].numpy()).max()))
-    assert gap > 10 * SCORE_ATOL, f"hf mode agrees with Meta ({gap:.3g}): the CLS token would not matter"
+    assert gap > HF_GAP_MIN, f"hf mode agrees with Meta ({gap:.3g}): the CLS token would not matter"
 
 
 def test_engine_scores_equal_meta_processor(oracle):

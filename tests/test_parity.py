@@ -46,7 +46,7 @@ from jalias.weights.mapping import WeightError
 
 from parity_utils import (OUTPUTS, PROMPTS, assert_abs_close, assert_rel_close, assert_varied, build_pair,
                           jax_forward, make_config, mask_iou, max_abs, nchw_to_nhwc, prompts, random_pixels,
-                          rel_err, torch_forward)
+                          torch_forward)
 
 SCORE_ATOL = 1e-4   # pred_logits, presence_logits, pred_boxes
 MASK_ATOL = 1e-3    # pred_masks, semantic_seg logits
@@ -179,7 +179,7 @@ def test_bf16_masks_match_fp32_torch():
     assert ours <= 2 * theirs, f"bf16 mask logit error {ours:.4f} > 2x torch-bf16's {theirs:.4f}"
     # scores: loose, bf16-sized bounds (logits are O(1))
     assert max_abs(got["pred_logits"], ref["pred_logits"]) < 0.1
-    assert max_abs(got["presence_logits"], ref["presence_logits"]) < 0.1
+    assert max_abs(got["presence_logits"], ref["presence_logits"]) < 0.03  # measured 0.0076 (2026-12-07)
     assert max_abs(got["pred_boxes"], ref["pred_boxes"]) < 0.02
 
 
@@ -313,5 +313,5 @@ def test_from_torch_tolerates_unused_weights_and_prefix():
     # a bf16 torch checkpoint converts too (through float32)
     half = from_torch({k: v.to(torch.bfloat16) for k, v in sd.items()}, config=hf_cfg)
     w = "detr_decoder.layers.0.mlp.fc1.weight"
-    assert rel_err(np.asarray(half.params["detr_decoder"]["layers_0"]["mlp"]["fc1"]["kernel"]),
-                   sd[w].numpy().T) < 1e-2
+    np.testing.assert_array_equal(np.asarray(half.params["detr_decoder"]["layers_0"]["mlp"]["fc1"]["kernel"]),
+                                  sd[w].to(torch.bfloat16).float().numpy().T)

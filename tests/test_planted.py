@@ -124,7 +124,13 @@ def test_label_and_vocab(problem):
     v = problem.allowed_vocab
     assert v.size == 2000 and (np.diff(v) > 0).all() and np.isin(problem.label_ids, v).all()
     assert all(strings[i].endswith("</w>") and strings[i][:-4].isalpha() for i in v)
-    np.testing.assert_array_equal(planted_vocab(50), planted_vocab(50))
+    small = planted_vocab(50)  # the 50 lowest-id whole words of 3+ ascii lowercase letters, checked token by token
+    is_word = lambda t: t.endswith("</w>") and len(t) >= 7 and t[:-4].isascii() and t[:-4].isalpha() and t.islower()
+    want = [i for i in range(int(small[-1]) + 1) if is_word(strings[i])]
+    assert small.tolist() == want and len(want) == 50
+    # ids 5 and the first word forced in: the other words fill the rest (the first word counted once)
+    forced = planted_vocab(50, include=(5, want[0]))
+    assert forced.tolist() == sorted([5, want[0], *want[1:49]])
     with pytest.raises(ValueError, match="vocabulary size"):
         planted_vocab(1, include=(5,))
 

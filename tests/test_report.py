@@ -38,7 +38,7 @@ N_CATEGORIES = 21
 
 
 def _erode(mask: np.ndarray, width: int) -> np.ndarray:
-    ndimage = pytest.importorskip("scipy.ndimage")
+    from scipy import ndimage
     return ndimage.binary_erosion(mask, iterations=width, border_value=0)
 
 

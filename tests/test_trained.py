@@ -25,7 +25,6 @@ from parity_utils import jax_forward, torch_forward, torch_model_of
 from test_parity import assert_outputs_match
 
 SMALL = Path(__file__).resolve().parents[1] / "weights" / "small"
-pytestmark = pytest.mark.skipif(not (SMALL / "jalias.json").exists(), reason="weights/small is not in this checkout")
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +80,13 @@ def test_trained_weights_match_torch(model):
 
 
 def test_stored_metrics_reproduce(model, stored):
-    """metrics.json's skill (written by `jalias train`) is what the shipped checkpoint measures, within 0.02."""
+    """metrics.json's skill (written by `jalias train`) is what the shipped checkpoint measures: the issue asks for
+    0.02; measured identical on the CPU box (2026-12-07), so 0.005 (a flip of one kept query in one of the 448 ID
+    evaluation images moves id_iou by up to 1/448)."""
     s = stored["skill"]
     got = skill(model, n_images=s["n_images"], seed=s["seed"])
     for key in ("id_iou", "id_empty_rate", "ood_iou"):
-        assert abs(got[key] - s[key]) <= 0.02, (key, got[key], s[key])
+        assert abs(got[key] - s[key]) <= 0.005, (key, got[key], s[key])
 
 
 def test_search_from_a_zero_iou_label_starts_from_random_tokens(tmp_path):
