@@ -19,6 +19,8 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 1)
     """Write JSON to a temp file beside `path` (.NAME.tmp-PID), fsync, then os.replace. On any error (e.g. a
     full disk: OSError ENOSPC) the temp file is removed and `path` keeps its previous content."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write {path}: it is a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(obj, indent=indent)  # before any file is touched: a value JSON cannot hold changes nothing
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -9,6 +9,7 @@ search state has been saved (continue with --resume).
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import signal
 import sys
@@ -59,6 +60,8 @@ def _sigterm_as_interrupt():
 
 def _handled(fn: Callable) -> Callable:
     """One-line errors and clean exit codes for a command."""
+    resumable = "resume" in inspect.signature(fn).parameters  # only those commands can be told to --resume
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from .run.io import RunError
@@ -69,7 +72,8 @@ def _handled(fn: Callable) -> Callable:
         except typer.Exit:
             raise
         except KeyboardInterrupt:
-            typer.echo("interrupted: progress saved; run the same command with --resume to continue", err=True)
+            typer.echo("interrupted: progress saved; run the same command with --resume to continue" if resumable
+                       else "interrupted", err=True)
             raise typer.Exit(130)
         # OSError: e.g. a disk full while writing (the last state written stays; --resume continues after the fix)
         except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, OSError, RunError,
@@ -84,6 +88,9 @@ def _categories(value: Optional[str]) -> Optional[list[str]]:
     cats = [c.strip() for c in value.split(",") if c.strip()]
     if not cats:
         raise ValueError(f"no category names in --categories {value!r}")
+    twice = sorted({c for c in cats if cats.count(c) > 1})
+    if twice:
+        raise ValueError(f"category {twice[0]!r} is named twice in --categories")
     return cats
 
 
@@ -230,6 +237,8 @@ def eval_(
 
     if (prompt is None) == (tokens is None):
         raise ValueError("give exactly one of --prompt or --tokens")
+    if json_out not in (None, "-") and Path(json_out).is_dir():  # checked before the evaluation, not after it
+        raise ValueError(f"--json {json_out} is a directory; give a file path")
     res = evaluate_prompt(weights, annotations, images, prompt=prompt,
                           tokens=_tokens(tokens) if tokens is not None else None,
                           categories=_categories(categories), max_images=max_images, negatives=negatives,
@@ -337,6 +346,7 @@ def adapt(
     categories: str = typer.Option("all", help="comma-separated category names, or 'all'"),
     out: Optional[Path] = typer.Option(None, help="output folder (default RUN_DIR/adapters/KIND-TEACHER)"),
     resume: bool = typer.Option(False, help="keep finished adapters, continue an interrupted one"),
+    overwrite: bool = typer.Option(False, help="retrain the chosen categories' finished adapters in the folder"),
     no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar"),
 ):
     """Train adapters so the natural label does what the run's alias does (or what the ground truth says)."""
@@ -348,7 +358,7 @@ def adapt(
                         categories=_categories(categories),
                         config=AdaptConfig(rank=rank, alpha=float(rank), targets=targets, w_preserve=preserve,
                                            w_states=states, length=parse_length(length)),
-                        progress=not no_progress, log=lambda m: typer.echo(m, err=True))
+                        progress=not no_progress, log=lambda m: typer.echo(m, err=True), overwrite=overwrite)
     from rich.table import Table
 
     from .run.io import fmt

@@ -431,8 +431,14 @@ def test_existing_destination(ref, tmp_path):
         convert(ref.hf_dir, ref.hf_dir, overwrite=True, progress=False)
     with pytest.raises(FileNotFoundError, match="output folder .* does not exist"):
         convert(ref.hf_dir, tmp_path / "no" / "such" / "dir", progress=False)
-    convert(ref.hf_dir, dst, dtype="bfloat16", overwrite=True, progress=False)
-    assert not (dst / "keep.txt").exists() and orbax_io.load_meta(dst)["dtype"] == "bfloat16"
+    # overwrite replaces a checkpoint, never a folder that is not one
+    with pytest.raises(FileExistsError, match="not a jalias checkpoint"):
+        convert(ref.hf_dir, dst, overwrite=True, progress=False)
+    assert (dst / "keep.txt").read_text() == "old"
+    ckpt = tmp_path / "ckpt"
+    convert(ref.hf_dir, ckpt, progress=False)
+    convert(ref.hf_dir, ckpt, dtype="bfloat16", overwrite=True, progress=False)
+    assert orbax_io.load_meta(ckpt)["dtype"] == "bfloat16"
 
 
 def test_orbax_tree_checked_on_verify(ref, tmp_path):

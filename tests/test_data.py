@@ -411,9 +411,10 @@ def test_load_coco_errors(tmp_path):
         load_coco(path, images_dir, categories=["ghost"])
     assert [c.name for c in load_coco(path, images_dir)] == ["striped_blob", "gridded_hexagon"]  # skipped
 
-    os.remove(os.path.join(images_dir, "gridded_hexagon_000.png"))
+    os.remove(os.path.join(images_dir, "gridded_hexagon_000.png"))  # found when decoded, not when listed
+    (hexagon,) = load_coco(ann_path, images_dir, categories=["gridded_hexagon"])
     with pytest.raises(FileNotFoundError, match="gridded_hexagon_000.png"):
-        load_coco(ann_path, images_dir)
+        hexagon.image(hexagon.image_ids.index("gridded_hexagon_000.png"))
 
     ann2, images2 = write_coco(ds, tmp_path / "again")
     with open(os.path.join(images2, "striped_blob_000.png"), "wb") as f:

@@ -175,7 +175,7 @@ def load_coco(
         order; categories without masks are then skipped, each with a `log` line when log is given).
     max_images: cap on positives and, separately, on negatives per category (first images by id).
     Image ids returned are the COCO ``file_name`` strings; paths are ``images_dir/file_name``.
-    Every referenced image file must exist (checked now; decoding happens later on access).
+    Image files are neither opened nor checked here: a missing one raises FileNotFoundError when it is decoded.
     """
     annotations_json = os.fspath(annotations_json)
     images_dir = os.fspath(images_dir)
@@ -229,10 +229,9 @@ def load_coco(
         per_cat[cid].setdefault(im["id"], []).append(rle)
 
     def path_of(im: dict) -> str:
-        path = os.path.join(images_dir, str(im["file_name"]))
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"image file not found: {path} (listed in {annotations_json})")
-        return path
+        # not checked here: a missing file is found when the run decodes the images it uses (`check_images`,
+        # which with --skip-bad-images leaves it out), so an unused image never stops a run
+        return os.path.join(images_dir, str(im["file_name"]))
 
     out: list[ConceptData] = []
     for name in wanted:

@@ -32,7 +32,7 @@ import numpy as np
 
 from ..adapt import AdaptConfig, AdaptError, apply_adapters, load_adapter, model_fingerprint, save_adapter
 from ..adapt.loss import alias_targets, gt_targets, image_contexts, teacher_outputs
-from ..adapt.store import CARD
+from ..adapt.store import CARD, read_card
 from ..adapt.trainer import train_adapter
 from .io import mean, write_json_atomic
 from .model import load_model
@@ -81,12 +81,15 @@ def _export_outputs(run: RunDir, res: dict, prompt_mode: str, search: np.ndarray
 def adapt_run(run_dir: str | os.PathLike, kind: str = "embed", teacher: str = "alias", steps: int | None = None,
               lr: float | None = None, out: str | os.PathLike | None = None, resume: bool = False,
               categories: Sequence[str] | None = None, config: AdaptConfig | None = None, progress: bool = True,
-              log: Callable[[str], None] | None = None, model=None) -> dict:
+              log: Callable[[str], None] | None = None, model=None, overwrite: bool = False) -> dict:
     """Train one adapter per finished category of `run_dir` (see the module docstring); returns summary.json.
 
     config: the full recipe (kind, teacher, steps, lr override its fields); categories: names (None: every
     finished one; with the alias teacher, categories where no alias beat the label are skipped with a note, and
-    an AdaptError names one if asked for explicitly); model: the run's model already loaded.
+    an AdaptError names one if asked for explicitly); model: the run's model already loaded. A finished adapter
+    of a chosen category already in `out` is an AdaptError before anything trains, unless resume (kept; it must
+    have this recipe and model) or overwrite (retrained). summary.json keeps the rows of the categories not
+    chosen this time when it was written with the same recipe.
     """
     log = log or (lambda msg: None)
     run_dir = Path(run_dir)
@@ -108,20 +111,30 @@ def adapt_run(run_dir: str | os.PathLike, kind: str = "embed", teacher: str = "a
     cfg.validate()
     chosen = _choose(finished, categories, cfg.teacher, log)
     out = Path(out) if out is not None else run_dir / "adapters" / f"{cfg.kind}-{cfg.teacher}"
+    if out.exists() and not out.is_dir():
+        raise AdaptError(f"--out {out} exists and is not a directory")
+    done = [r for r in chosen if (out / r["slug"] / CARD).exists()]
+    if done and not (resume or overwrite):
+        raise AdaptError(f"{out} already holds finished adapters ({', '.join(r['category'] for r in done[:3])}"
+                         f"{', ...' if len(done) > 3 else ''}): pass --resume to keep them or --overwrite to "
+                         "retrain them")
     if model is None:
         model, _ = load_model(settings.weights, settings.dtype, settings.prompt_mode)
     model = model.with_prompt_mode(settings.prompt_mode)
     fp = model_fingerprint(model)
+    for r in done if resume and not overwrite else ():
+        card = read_card(out / r["slug"])
+        if card.get("model_fingerprint") != fp or card.get("metrics", {}).get("config") != cfg.to_dict():
+            raise AdaptError(f"cannot resume {out}: the adapter of {r['category']!r} was trained with other "
+                             "settings or another model; pass --overwrite to retrain it, or another --out")
     m = 4 * model.config.vision.backbone.grid
     rows = []
     for res in chosen:
         dst = out / res["slug"]
-        if resume and (dst / CARD).exists():
-            done = load_adapter(dst)
-            if done.fingerprint == fp and done.metrics.get("config") == cfg.to_dict():
-                log(f"{res['category']}: adapter finished earlier, kept")
-                rows.append(_row(res, done, dst))
-                continue
+        if resume and not overwrite and (dst / CARD).exists():  # checked above: this recipe, this model
+            log(f"{res['category']}: adapter finished earlier, kept")
+            rows.append(_row(res, load_adapter(dst), dst))
+            continue
         inputs = rebuild_inputs(settings, res)
         split = np.asarray(inputs["split"])
         neg = np.asarray(inputs["is_negative"], bool)
@@ -155,10 +168,28 @@ def adapt_run(run_dir: str | os.PathLike, kind: str = "embed", teacher: str = "a
             f"{_f(metrics['label_after_heldout'])} (alias {_f(metrics['alias_heldout'])}), loss "
             f"{metrics['loss_first']:.4f} -> {metrics['loss_last']:.4f}; adapter {dst}")
         rows.append(_row(res, adapter, dst))
+    rows = _merge_rows(out / "summary.json", rows, cfg, log)
     summary = {"run_dir": str(run_dir.resolve()), "kind": cfg.kind, "teacher": cfg.teacher,
                "config": cfg.to_dict(), "categories": rows}
     write_json_atomic(out / "summary.json", summary)
     return summary
+
+
+def _merge_rows(path: Path, rows: list[dict], cfg: AdaptConfig, log) -> list[dict]:
+    """This call's rows after the rows of an earlier summary.json at `path` for other categories, when it was
+    written with the same recipe (their adapters are still in the folder); a note names them otherwise."""
+    if not path.exists():
+        return rows
+    try:
+        before = json.loads(path.read_text())
+        old = [r for r in before["categories"] if r["category"] not in {x["category"] for x in rows}]
+    except (OSError, ValueError, KeyError, TypeError):
+        return rows
+    if old and before.get("config") != cfg.to_dict():
+        log(f"note: summary.json lists this call's categories; the adapters of {', '.join(r['category'] for r in old)}"
+            " in the folder were trained with other settings")
+        return rows
+    return old + rows
 
 
 def _choose(finished: list[dict], categories: Sequence[str] | None, teacher: str, log) -> list[dict]:

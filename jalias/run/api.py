@@ -13,10 +13,28 @@ from .model import adapter_paths, load_model, weights_spec
 from .pipeline import KillSwitch, SimulatedKill, make_engine, score_one, search_category
 from .progress import Progress
 from .rundir import RunDir, RunSettings, slugify
-from .splits import check_images, load_split
+from .splits import check_budget, check_images, load_split
 
 DEMO_CONCEPTS = ("striped_blob", "checkered_star", "dotted_ring")  # the random tiny model's (tests)
 DEMO_OOD_CONCEPTS = ("tomato", "blue_triangle", "heart")  # for a world-trained model: one of each OOD kind
+
+
+def run_settings(weights, annotations, images, categories, method, budget, length, max_images, heldout, negatives,
+                 seed, init, negative_weight=0.5, dtype=None, options=None, prompt_mode=None, adapters=None,
+                 skip_bad_images=False) -> RunSettings:
+    """`search_dataset`'s arguments as validated RunSettings (ValueError naming the first bad one)."""
+    from ..model.layers import default_dtype
+
+    settings = RunSettings(
+        weights=weights_spec(str(weights)), annotations=str(Path(annotations).resolve()),
+        images=str(Path(images).resolve()), categories=list(categories) if categories else None, method=method,
+        budget=int(budget), length=int(length), max_images=max_images, heldout=float(heldout),
+        negatives=int(negatives), seed=int(seed), init=init, negative_weight=float(negative_weight),
+        dtype=default_dtype() if dtype is None else dtype,
+        options=dict(options or {}), prompt_mode=prompt_mode, adapters=adapter_paths(adapters),
+        skip_bad_images=bool(skip_bad_images))
+    settings.validate()
+    return settings
 
 
 def search_dataset(weights: str, annotations: str | os.PathLike, images: str | os.PathLike,
@@ -45,17 +63,10 @@ def search_dataset(weights: str, annotations: str | os.PathLike, images: str | o
     free memory) and gradient images per step; device out-of-memory halves the failing path's (`oom.py`).
     """
     from ..data import load_coco
-    from ..model.layers import default_dtype
 
-    settings = RunSettings(
-        weights=weights_spec(str(weights)), annotations=str(Path(annotations).resolve()),
-        images=str(Path(images).resolve()), categories=list(categories) if categories else None, method=method,
-        budget=int(budget), length=int(length), max_images=max_images, heldout=float(heldout),
-        negatives=int(negatives), seed=int(seed), init=init, negative_weight=float(negative_weight),
-        dtype=default_dtype() if dtype is None else dtype,
-        options=dict(options or {}), prompt_mode=prompt_mode, adapters=adapter_paths(adapters),
-        skip_bad_images=bool(skip_bad_images))
-    settings.validate()
+    settings = run_settings(weights, annotations, images, categories, method, budget, length, max_images, heldout,
+                            negatives, seed, init, negative_weight, dtype, options, prompt_mode, adapters,
+                            skip_bad_images)
     if model is not None and getattr(model, "adapters", ()):
         raise ValueError("the model passed in carries adapters: pass the plain model and their directories as "
                          "adapters=... so run.json records them")
@@ -68,20 +79,27 @@ def search_dataset(weights: str, annotations: str | os.PathLike, images: str | o
         settings.dtype = run.read_settings().dtype  # the dtype the run started with, whatever today's default
     if resume and prompt_mode is None and run.run_json.exists():
         settings.prompt_mode = run.read_settings().prompt_mode  # continue in the mode the run started with
+    # every input is checked before `prepare`, which with overwrite deletes the previous run's outputs
+    run.check(settings, resume, overwrite)
+    early: list[str] = []  # log lines from before the run directory is ready
+    concepts = load_coco(settings.annotations, settings.images, settings.categories, settings.max_images,
+                         log=early.append)
+    concepts, bad = check_images(concepts, settings, settings.skip_bad_images, early.append)
+    check_budget(concepts, settings)
+    if model is None:
+        model, note = load_model(settings.weights, settings.dtype, settings.prompt_mode, settings.adapters)
+        if note:
+            early.append(note)
     run.prepare(settings, resume, overwrite)
     log = run.log
+    for line in early:
+        log(line)
     cats: list[dict] = []
     try:
-        concepts = load_coco(settings.annotations, settings.images, settings.categories, settings.max_images, log=log)
-        concepts, bad = check_images(concepts, settings, settings.skip_bad_images, log)
         run.set_skipped_images(bad)
         taken: set[str] = set()
         cats = [{"name": c.name, "slug": slugify(c.name, taken)} for c in concepts]
         run.set_categories(cats)
-        if model is None:
-            model, note = load_model(settings.weights, settings.dtype, settings.prompt_mode, settings.adapters)
-            if note:
-                log(note)
         model = model.with_prompt_mode(settings.prompt_mode)
         if settings.prompt_mode is None:
             settings.prompt_mode = model.prompt_mode
@@ -150,37 +168,47 @@ def demo(out: str | os.PathLike = "runs/demo", budget: int = 1000, method: str =
     shows only that the pipeline runs. The dataset
     (`images_per_concept` images per concept) is written to `out`/data in COCO format and `search_dataset` runs on
     it: each search starts from the label (init="label") and proposes only ASCII word pieces, with each method's
-    measured settings (search/defaults.py). A previous demo in `out` is replaced unless resume=True. note(msg)
-    receives one-line remarks (e.g. that a model was built in memory).
+    measured settings (search/defaults.py). A previous demo in `out` is replaced unless resume=True, once every
+    argument has been checked; a search run there that is not a demo's is never touched. note(msg) receives
+    one-line remarks (e.g. that a model was built in memory).
     """
     from ..data import make_dataset, write_coco
     from ..data.world import ood_dataset
 
     out = Path(out)
-    if (out / "run.json").exists() and not resume:
-        RunDir(out).clear()
-    model, msg = load_model(weights)
-    if msg and note is not None:
-        note(msg)
-    trained = weights != "tiny"
-    if not trained and note is not None:
-        note("the tiny model's weights are random: the numbers show the pipeline runs, not SAM3's behaviour")
-    if concepts is None:
-        concepts = DEMO_OOD_CONCEPTS if trained else DEMO_CONCEPTS
+    run = RunDir(out)
     data_dir = out / "data"
     ann = data_dir / "annotations.json"
+    if run.run_json.exists() and Path(run.read_settings().annotations) != ann.resolve():
+        raise FileExistsError(f"{out} holds a search run that is not a demo's; choose another --out")
+    model, msg = load_model(weights)
+    trained = weights != "tiny"
+    if concepts is None:
+        concepts = DEMO_OOD_CONCEPTS if trained else DEMO_CONCEPTS
+    opts = {"ascii_only": True, **(options or {})}  # on top of the method's measured settings
+    args = dict(categories=list(concepts), method=method, budget=budget, length=length,
+                max_images=images_per_concept, heldout=heldout, negatives=negatives, seed=seed, init=init,
+                options=opts)
+    settings = run_settings(weights, ann, data_dir / "images", **args)
+    data = None
     if not (resume and ann.exists()):
         if trained:
             data = ood_dataset(list(concepts), images_per_concept, model.config.image_size, seed)
         else:
             data = make_dataset(images_per_concept, image_size, list(concepts), seed)
+        check_budget(data.concept_data(), settings)
+    run.check(settings, resume, overwrite=True)
+    for line in (msg, None if trained else "the tiny model's weights are random: the numbers show the pipeline "
+                 "runs, not SAM3's behaviour"):
+        if line and note is not None:
+            note(line)
+    if run.run_json.exists() and not resume:
+        run.clear()  # the previous demo, now that the new one's arguments are known to be good
+    if data is not None:
         write_coco(data, data_dir)
-    opts = {"ascii_only": True, **(options or {})}  # on top of the method's measured settings
-    return search_dataset(weights, ann, data_dir / "images", categories=list(concepts), method=method,
-                          budget=budget, length=length, max_images=images_per_concept, heldout=heldout,
-                          negatives=negatives, seed=seed, out=out, resume=resume, overwrite=False,
-                          chunk_size=chunk_size, init=init, options=opts, checkpoint_every=checkpoint_every,
-                          progress=progress, console=console, model=model)
+    return search_dataset(weights, ann, data_dir / "images", **args, out=out, resume=resume, overwrite=False,
+                          chunk_size=chunk_size, checkpoint_every=checkpoint_every, progress=progress,
+                          console=console, model=model)
 
 
 def _prompt_ids(prompt: str | None, tokens: Sequence[int] | None) -> list[int]:
@@ -220,6 +248,10 @@ def evaluate_prompt(weights: str, annotations: str | os.PathLike, images: str | 
     from ..tokenizer import detokenize
 
     ids = _prompt_ids(prompt, tokens)
+    if negatives < 0:
+        raise ValueError(f"negatives must be >= 0, got {negatives}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk-size must be >= 1, got {chunk_size}")
     adapters = adapter_paths(adapters)
     if model is None:
         model, _ = load_model(weights_spec(str(weights)), dtype, prompt_mode, adapters)

@@ -72,8 +72,9 @@ class Checkpointer:
     (and on flush()), drives the progress display, and implements the KILL_ENV test hook."""
 
     def __init__(self, path: Path, category: str, initial: dict | None, every: float,
-                 on_state: Callable[[dict], None], kill: KillSwitch):
+                 on_state: Callable[[dict], None], kill: KillSwitch, image_ids: Sequence = ()):
         self.path, self.category, self.latest = path, category, initial
+        self.image_ids = [str(i) for i in image_ids]  # the search images the state belongs to
         self.every, self.on_state, self.kill = every, on_state, kill
         self.last_write = time.monotonic()
         self.dirty = False
@@ -89,7 +90,8 @@ class Checkpointer:
     def flush(self) -> None:
         if self.latest is not None and self.dirty:
             try:
-                write_json_atomic(self.path, {"category": self.category, "state": self.latest}, indent=None)
+                write_json_atomic(self.path, {"category": self.category, "image_ids": self.image_ids,
+                                              "state": self.latest}, indent=None)
             except OSError as e:  # e.g. disk full: the atomic write left the previous state file as it was
                 raise RunError(f"cannot write the search state {self.path} ({e.strerror or e}); the state saved "
                                "before is kept: free space and run the same command with --resume") from e
@@ -113,8 +115,9 @@ def _per_image(split: Split, iou_label, iou_alias) -> list[dict]:
 
 
 def _search(engine, name: str, slug: str, config, settings: RunSettings, run: RunDir, resume: bool,
-            checkpoint_every: float, progress, kill: KillSwitch, position: str):
-    """The resumable search of one category -> SearchResult (state in state/<slug>.json)."""
+            checkpoint_every: float, progress, kill: KillSwitch, position: str, image_ids: Sequence = ()):
+    """The resumable search of one category -> SearchResult (state in state/<slug>.json, with the ids of the
+    search images it belongs to: a resume on other images is refused)."""
     from ..search import run_search
 
     log = run.log
@@ -123,12 +126,19 @@ def _search(engine, name: str, slug: str, config, settings: RunSettings, run: Ru
     for stale in state_path.parent.glob(f".{state_path.name}.tmp-*") if resume else ():
         stale.unlink(missing_ok=True)  # the temp file of a state write cut short by a kill (never the state)
     if resume and state_path.exists():
-        initial = read_json(state_path, "search state").get("state")
+        saved = read_json(state_path, "search state")
+        initial, before = saved.get("state"), saved.get("image_ids")
+        now_ids = [str(i) for i in image_ids]
+        if initial is not None and before is not None and before != now_ids:
+            raise RunError(f"cannot resume {run.path}: the search images of {name!r} changed since its search "
+                           f"started ({len(before)} then, {len(now_ids)} now, or other ones); restore the dataset "
+                           "or start over with --overwrite")
         if initial is not None:
             log(f"{name}: resuming search at {initial['budget']['used']} evaluations "
                 f"(iteration {initial['iteration']})")
     task = progress.start(f"{name} ({position})", settings.budget, initial)
-    ckpt = Checkpointer(state_path, name, initial, checkpoint_every, lambda s: progress.update(task, s), kill)
+    ckpt = Checkpointer(state_path, name, initial, checkpoint_every, lambda s: progress.update(task, s), kill,
+                        image_ids)
     try:
         # the bar moves with every charged chunk of evaluations, not only at checkpoints
         result = with_oom_retry(
@@ -221,7 +231,7 @@ def search_category(model, cd, slug: str, settings: RunSettings, run: RunDir, re
             f"the search starts from random tokens instead (the label stays the baseline)")
         config = dataclasses.replace(config, init="random", label_ids=None)
     result = _search(engine, cd.name, slug, config, settings, run, resume, checkpoint_every, progress, kill,
-                     position)
+                     position, search.image_ids)
     if not result.best:
         raise RunError(f"category {cd.name!r}: the budget ({settings.budget}) is too small to score even one "
                        f"candidate on {len(search)} images")

@@ -66,6 +66,8 @@ class RunSettings:
             raise ValueError(f"heldout must be a fraction in [0, 1), got {self.heldout}")
         if self.negatives < 0:
             raise ValueError(f"negatives must be >= 0, got {self.negatives}")
+        if not 0.0 <= self.negative_weight < float("inf"):  # also refuses nan
+            raise ValueError(f"negative-weight must be a finite number >= 0, got {self.negative_weight}")
         if self.init not in ("random", "label"):
             raise ValueError(f"init must be 'random' or 'label', got {self.init!r}")
         if self.dtype not in ("float32", "bfloat16"):
@@ -136,11 +138,10 @@ class RunDir:
     def read_settings(self) -> RunSettings:
         return RunSettings.from_dict(self.read_run()["settings"])
 
-    def prepare(self, settings: RunSettings, resume: bool, overwrite: bool) -> None:
-        """Start a fresh run (writes run.json) or check that `settings` equal the recorded ones (resume)."""
-        if self.run_json.exists() and not self.has_progress():
-            self.clear()  # a run that stopped before finishing any search step (e.g. a bad argument): start over
-        if self.run_json.exists():
+    def check(self, settings: RunSettings, resume: bool, overwrite: bool) -> None:
+        """The errors `prepare` would raise, without touching anything: a run here that can be neither resumed
+        with `settings` nor replaced, or a path that is not a directory."""
+        if self.run_json.exists() and self.has_progress():
             if resume:
                 old = self.read_settings().to_dict()
                 new = settings.to_dict()
@@ -149,14 +150,23 @@ class RunDir:
                     k = diff[0]
                     raise ValueError(f"cannot resume {self.path}: it was started with {k}={old.get(k)!r}, now "
                                      f"{k}={new[k]!r} (resume needs the same settings)")
-                self.log(f"resuming run (jalias {version()})")
-                return
-            if not overwrite:
+            elif not overwrite:
                 raise FileExistsError(f"{self.path} already holds a run: pass --resume to continue it or "
                                       "--overwrite to start over")
-            self.clear()
         elif self.path.exists() and not self.path.is_dir():
             raise FileExistsError(f"{self.path} exists and is not a directory")
+
+    def prepare(self, settings: RunSettings, resume: bool, overwrite: bool) -> None:
+        """Start a fresh run (writes run.json) or check that `settings` equal the recorded ones (resume). Callers
+        check their inputs before this, since with overwrite it deletes the previous run's outputs."""
+        self.check(settings, resume, overwrite)
+        if self.run_json.exists() and not self.has_progress():
+            self.clear()  # a run that stopped before finishing any search step (e.g. a bad argument): start over
+        if self.run_json.exists():
+            if resume:
+                self.log(f"resuming run (jalias {version()})")
+                return
+            self.clear()
         self.path.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.run_json, {"format": RUN_FORMAT, "version": FORMAT_VERSION,
                                           "jalias_version": version(), "created": now(),

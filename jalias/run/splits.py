@@ -41,6 +41,17 @@ def load_split(cd) -> Split:
     return Split(images, gts, list(cd.image_ids) + list(cd.negative_ids), flags)
 
 
+def check_budget(concepts, settings: RunSettings) -> None:
+    """ValueError unless the budget pays for one candidate on every search image of each category (a candidate
+    costs one evaluation per search image), checked before any search starts."""
+    for cd in concepts:
+        search, _ = split_category(cd, settings)
+        k = len(search.images) + len(search.negatives)
+        if settings.budget < k:
+            raise ValueError(f"budget {settings.budget} is below {k}, the number of search images of {cd.name!r} "
+                             "(one candidate costs one evaluation per search image)")
+
+
 def split_category(cd, settings: RunSettings):
     """ConceptData (max_images already applied) -> (search ConceptData, held-out ConceptData or None)."""
     from ..data import split_concept

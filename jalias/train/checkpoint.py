@@ -35,6 +35,12 @@ def train_checkpoint(recipe: TrainConfig = TrainConfig(), out: str | os.PathLike
     from ..weights.convert import load, save_params
     from .evaluate import skill
 
+    if eval_images < 1:  # checked before training, not after it
+        raise ValueError(f"eval-images must be >= 1, got {eval_images}")
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise FileExistsError(f"--out {out} exists and is not a directory")
     t0 = time.time()
     result = train(recipe, out=out, resume=resume, progress=progress, log=log)
     out = Path(out).expanduser().absolute()

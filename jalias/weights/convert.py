@@ -375,13 +375,12 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "float3
     """
     target = _np_dtype(dtype)
     dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists (overwrite=True / --overwrite replaces it)")
-    if not dst.absolute().parent.is_dir():
-        raise FileNotFoundError(f"output folder {dst.absolute().parent} does not exist")
     src_path = resolve(src)
     if src_path.absolute() == dst.absolute():
         raise ValueError(f"source and destination are the same path: {dst}")
+    orbax_io.check_destination(dst, overwrite)
+    if not dst.absolute().parent.is_dir():
+        raise FileNotFoundError(f"output folder {dst.absolute().parent} does not exist")
     state_dict, cfg = read_checkpoint(src_path, config)
     params = to_params(state_dict, cfg, target.name, progress=progress)
     del state_dict

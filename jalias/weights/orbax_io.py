@@ -150,8 +150,7 @@ def save(
         dtype = jnp.dtype(dtype)
         if not jnp.issubdtype(dtype, jnp.floating):
             raise ValueError(f"dtype must be a floating dtype, got {dtype}")
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists; pass overwrite=True to replace it")
+    check_destination(dst, overwrite)
     if not dst.parent.is_dir():
         raise FileNotFoundError(f"parent directory of {dst} does not exist")
 
@@ -191,6 +190,17 @@ def save(
     if moved_old:
         shutil.rmtree(old, ignore_errors=True)
     return meta
+
+
+def check_destination(dst: Path, overwrite: bool) -> None:
+    """FileExistsError unless a checkpoint may be written at dst: nothing there, or with overwrite a jalias
+    checkpoint (a folder holding jalias.json); anything else there is never replaced."""
+    if not dst.exists():
+        return
+    if not overwrite:
+        raise FileExistsError(f"{dst} already exists (overwrite=True / --overwrite replaces a checkpoint there)")
+    if not (dst.is_dir() and (dst / "jalias.json").is_file()):
+        raise FileExistsError(f"{dst} exists and is not a jalias checkpoint; overwrite replaces only a checkpoint")
 
 
 def resolve(path: str | os.PathLike) -> Path:
