@@ -373,9 +373,28 @@ def adapt(
     typer.echo(f"adapters: {Path(summary['categories'][0]['adapter']).parent if summary['categories'] else '-'}")
 
 
-def main() -> None:  # pragma: no cover - console entry point alternative
-    app(prog_name="jalias")
+def main() -> None:
+    """The `jalias` console entry point: `app`, with Click's usage errors (a missing or unknown option or command)
+    as one `error:` line and exit 2 instead of a framed block."""
+    from typer._click import exceptions as cx  # typer (pinned) vendors its own click
+
+    try:
+        code = app(prog_name="jalias", standalone_mode=False)
+    except cx.NoArgsIsHelpError as e:  # `jalias` alone: the help, as before
+        typer.echo(e.ctx.get_help() if e.ctx else "usage: jalias COMMAND [ARGS]...")
+        sys.exit(2)
+    except cx.UsageError as e:
+        path = e.ctx.command_path if e.ctx else "jalias"
+        typer.echo(f"error: {e.format_message()} (see `{path} --help`)", err=True)
+        sys.exit(2)
+    except cx.ClickException as e:
+        typer.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # outside a command (a command's own Ctrl-C is handled by `_handled`)
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

@@ -373,6 +373,8 @@ def test_state_term_pulls_a_loras_detector_states_to_the_alias(model, data):
     off = train_adapter(model, label, gt, dataclasses.replace(cfg, teacher="gt"), progress=False)
     assert not off.metrics["feature_term"] and step.step._cache_size() == 1
     assert feature_args(model, dataclasses.replace(cfg, w_states=0.0), targets, *lay[:2]) is None
+    lean = teacher_outputs(model, label, data["ctx"], states=False)  # what an embed / stateless teacher holds
+    assert "query_states" not in lean and alias_targets(data["ctx"], lean, cfg).states is None
 
 
 def test_preservation_set_holds_the_labels_neighbours(model):

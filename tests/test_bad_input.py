@@ -9,6 +9,7 @@ resume that cannot continue says why in one line.
 - adapt: finished adapters are kept or replaced only on --resume / --overwrite, a resume with another recipe is
   refused, and summary.json keeps the rows of categories not adapted this time.
 - a missing image file is skipped by --skip-bad-images, and one the run does not use never stops it.
+- usage errors of the console command (an unknown command or option, a missing option) are one line, exit 2.
 - numbers and lists checked up front (negative weight nan, chunk 0, duplicate categories, eval --json a folder,
   train --eval-images 0).
 """
@@ -16,6 +17,7 @@ resume that cannot continue says why in one line.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -141,6 +143,10 @@ def test_eval_and_train_check_numbers_and_outputs_first(demo_dir, tmp_path):
     src = ["eval", "--weights", "tiny", "--annotations", data / "annotations.json", "--images", data / "images",
            "--prompt", "striped blob"]
     assert "is a directory" in error_line(invoke(*src, "--json", tmp_path))
+    swapped = ["eval", "--weights", "tiny", "--prompt", "x", "--annotations"]
+    assert "is a directory; give the COCO JSON file" in error_line(invoke(*swapped, data, "--images", data / "images"))
+    assert "is a file; give the folder" in error_line(invoke(*swapped, data / "annotations.json", "--images",
+                                                             data / "annotations.json"))
     assert "chunk-size must be >= 1" in error_line(invoke(*src, "--chunk-size", "0"))
     assert "negatives must be >= 0" in error_line(invoke(*src, "--negatives", "-2"))
     line = error_line(invoke("train", "--config", "tiny", "--steps", "1", "--stage2-steps", "0", "--eval-images",
@@ -161,4 +167,20 @@ def test_skip_bad_images_covers_missing_files(demo_dir, tmp_path):
     assert "striped_blob_001.png" in json.loads((tmp_path / "b" / "all_results.json").read_text())["skipped_images"]
     # dotted_ring without negatives never decodes a striped blob image (click keeps the last --negatives)
     ok(invoke(*src, "--out", tmp_path / "c", "--categories", "dotted_ring", *SEARCH_ARGS, "--negatives", "0"))
+
+
+@pytest.mark.parametrize("args, says", [(["nosuch"], "No such command 'nosuch'"),
+                                        (["search", "--weights", "tiny"], "Missing option '--annotations'"),
+                                        (["demo", "--bogus"], "No such option: --bogus")])
+def test_usage_errors_are_one_line(args, says):
+    """The console entry point (`jalias.cli:main`): Click's usage errors as one line, exit 2, help pointed to."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "jalias.cli", *args], capture_output=True, text=True, cwd=root,
+                         env={**os.environ, "PYTHONPATH": str(root)}, timeout=120)
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], out.stderr
+    assert "--help`" in lines[0]
 

@@ -80,13 +80,15 @@ def image_contexts(model: Sam3, images: Sequence[np.ndarray]) -> dict:
     return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, 0), *ctxs)
 
 
-def teacher_outputs(model: Sam3, ids: Sequence[int], ctx: dict, threshold: float = scoring.KEEP_THRESHOLD) -> dict:
+def teacher_outputs(model: Sam3, ids: Sequence[int], ctx: dict, threshold: float = scoring.KEEP_THRESHOLD,
+                    states: bool = True) -> dict:
     """The model's outputs for content ids on stacked contexts [K, ...]: pred_logits float32[K, Q],
     presence_logits [K, 1], union_logits [K, m, m] (export's key: max over the queries the prediction rule keeps
     at `threshold`, the run's --threshold; UNION_FLOOR if none), and the prompt's own prompt_features float32[T, D]
     and attention_mask int32[T]; the detector's internal states on each image, query_states float32[K, Q, D]
     (decoder query states) and fused_image [K, g*g, D] (the fusion encoder's image tokens), which do not depend
-    on the prompt's length. The mask head is the engine's `detect_fast`, what
+    on the prompt's length (only with states=True: ~5.5 MB per image at SAM3's size, read by a lora's state
+    term alone). The mask head is the engine's `detect_fast`, what
     training reads; the export's `predict` runs `detect`: the same values up to float rounding
     (tests/test_adapt.py measures it)."""
     from ..engine.predict import union_logits
@@ -101,11 +103,13 @@ def teacher_outputs(model: Sam3, ids: Sequence[int], ctx: dict, threshold: float
     logits = np.concatenate([np.asarray(o["pred_logits"], np.float32) for o in outs])
     presence = np.concatenate([np.asarray(o["presence_logits"], np.float32) for o in outs])
     masks = np.concatenate([np.asarray(o["pred_masks"], np.float32) for o in outs])
-    return {"pred_logits": logits, "presence_logits": presence,
-            "union_logits": union_logits(masks, np.asarray(scoring.query_keep(logits, presence, threshold))),
-            "prompt_features": np.asarray(prompt, np.float32)[0], "attention_mask": np.asarray(mask)[0],
-            "query_states": np.concatenate([np.asarray(p["hidden"], np.float32) for _, p in both]),
-            "fused_image": np.concatenate([np.asarray(p["enc"], np.float32) for _, p in both])}
+    out = {"pred_logits": logits, "presence_logits": presence,
+           "union_logits": union_logits(masks, np.asarray(scoring.query_keep(logits, presence, threshold))),
+           "prompt_features": np.asarray(prompt, np.float32)[0], "attention_mask": np.asarray(mask)[0]}
+    if states:
+        out["query_states"] = np.concatenate([np.asarray(p["hidden"], np.float32) for _, p in both])
+        out["fused_image"] = np.concatenate([np.asarray(p["enc"], np.float32) for _, p in both])
+    return out
 
 
 def alias_targets(ctx: dict, outputs: dict, cfg: AdaptConfig) -> Targets:

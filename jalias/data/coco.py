@@ -141,6 +141,8 @@ def split_concept(data: ConceptData, fraction: float, seed: int = 0) -> tuple[Co
 
 
 def _read_annotations(annotations_json: str) -> dict[str, Any]:
+    if os.path.isdir(annotations_json):
+        raise IsADirectoryError(f"annotations {annotations_json} is a directory; give the COCO JSON file")
     if not os.path.isfile(annotations_json):
         raise FileNotFoundError(f"annotations file not found: {annotations_json}")
     try:
@@ -181,6 +183,8 @@ def load_coco(
     images_dir = os.fspath(images_dir)
     if max_images is not None and max_images < 1:
         raise ValueError(f"max_images must be >= 1, got {max_images}")
+    if os.path.isfile(images_dir):
+        raise NotADirectoryError(f"images {images_dir} is a file; give the folder holding the images")
     if not os.path.isdir(images_dir):
         raise FileNotFoundError(f"images directory not found: {images_dir}")
     data = _read_annotations(annotations_json)

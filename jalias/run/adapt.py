@@ -146,7 +146,7 @@ def adapt_run(run_dir: str | os.PathLike, kind: str = "embed", teacher: str = "a
             states = cfg.kind == "lora" and cfg.w_states > 0
             outputs = None if states else _export_outputs(run, res, model.prompt_mode, s, cfg.threshold)
             if outputs is None:
-                outputs = teacher_outputs(model, res["alias_ids"], ctx, cfg.threshold)
+                outputs = teacher_outputs(model, res["alias_ids"], ctx, cfg.threshold, states=states)
             targets = alias_targets(ctx, outputs, cfg)
         else:
             targets = gt_targets(ctx, pick("gts", s), neg[s], model.config.decoder.num_queries, m, cfg)
