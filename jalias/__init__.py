@@ -5,7 +5,7 @@
     engine = jalias.Engine(model, images, gt_masks)    # engine.score(ids[N, L]) -> IoU float32[N, K]
     jalias.demo()                                      # the `jalias demo` pipeline
     jalias.adapt("runs/demo")                          # adapters: the label learns what the alias does
-    jalias.load("tiny", adapter="runs/demo/adapters/embed-alias")   # a model with adapters applied
+    jalias.load("small", adapter="runs/demo/adapters/embed-alias")   # a model with adapters applied
     jalias.search_dataset("weights/sam3", "ann.json", "images/", categories=["kiwi"], budget=20_000)
 
 Everything except the tokenizer is imported on first use, so `import jalias` stays light (no jax import).

@@ -270,7 +270,8 @@ def encode(text: str) -> list[int]:
 
 
 def content_ids(texts: str | Sequence[str]) -> list[list[int]]:
-    """Content token ids (no start/end/padding: what `Engine.score` and `--tokens` take) of each string, ragged:
+    """Content token ids (no start/end/padding) of each string, ragged (`Engine.score` takes rows of one length;
+    `--tokens` one row):
     content_ids("kiwi fruit") -> [[ids...]], content_ids(["a", "b c"]) -> [[...], [..., ...]]."""
     return [encode(t) for t in ([texts] if isinstance(texts, str) else list(texts))]
 

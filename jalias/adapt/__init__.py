@@ -3,7 +3,7 @@ says (gt teacher): `embed` (replacement embeddings for the label's tokens) and `
 updates). Layer: imports model, engine, data; `jalias.run` and the CLI import it.
 
     from jalias.adapt import AdaptConfig, train_adapter, save_adapter, load_adapters, apply_adapters
-    adapted = apply_adapters(model, load_adapters("runs/x/adapters"))   # a Sam3: engines, predict, export
+    adapted = apply_adapters(model, load_adapters("runs/x/adapters/embed-alias"))   # a Sam3: engines, predict, export
     jalias.adapt("runs/x", kind="embed", teacher="alias")                 # the module is callable: adapt_run
 """
 

@@ -92,7 +92,7 @@ class AdaptConfig:
     preserve_prompts: int = 64  # random common-word prompts
     preserve_neighbours: int = 32  # and prompts sharing a multi-token label's tokens (trainer.label_neighbours)
     # the prediction rule's keep threshold (alias teacher's masks, label IoU before / after); `jalias adapt` sets
-    # it to the run's --threshold (run.json), so the adapter learns the alias's masks as the search scored them
+    # it to the run's threshold (run.json), so the adapter learns the alias's masks as the search scored them
     threshold: float = 0.5
     remat: bool = True  # gradient checkpointing of each image's detect pass
     seed: int = 0  # LoRA init

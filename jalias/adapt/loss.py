@@ -84,7 +84,7 @@ def teacher_outputs(model: Sam3, ids: Sequence[int], ctx: dict, threshold: float
                     states: bool = True) -> dict:
     """The model's outputs for content ids on stacked contexts [K, ...]: pred_logits float32[K, Q],
     presence_logits [K, 1], union_logits [K, m, m] (export's key: max over the queries the prediction rule keeps
-    at `threshold`, the run's --threshold; UNION_FLOOR if none), and the prompt's own prompt_features float32[T, D]
+    at `threshold`, the run's (run.json); UNION_FLOOR if none), and the prompt's own prompt_features float32[T, D]
     and attention_mask int32[T]; the detector's internal states on each image, query_states float32[K, Q, D]
     (decoder query states) and fused_image [K, g*g, D] (the fusion encoder's image tokens), which do not depend
     on the prompt's length (only with states=True: ~5.5 MB per image at SAM3's size, read by a lora's state

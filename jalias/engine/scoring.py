@@ -60,7 +60,7 @@ def query_scores(pred_logits: jax.Array, presence_logits: jax.Array) -> jax.Arra
     return jax.nn.sigmoid(pred_logits.astype(jnp.float32)) * jax.nn.sigmoid(presence_logits.astype(jnp.float32))
 
 
-KEEP_THRESHOLD = 0.5  # the default query-score threshold of the prediction rule (`--threshold`)
+KEEP_THRESHOLD = 0.5  # the default query-score threshold of the prediction rule (a run records it in run.json)
 
 
 def query_keep(pred_logits: jax.Array, presence_logits: jax.Array, threshold: float = KEEP_THRESHOLD) -> jax.Array:

@@ -5,8 +5,8 @@ trained on the search images (teacher targets from RUN_DIR/export/<slug>.npz whe
 prompt mode and threshold exists, else computed in memory by `teacher_outputs`: the same values up to float
 rounding, as tests/test_adapt.py checks; a lora that reads the detector states, which the export does not hold,
 computes all its targets in memory) and then measured with the engine's exact IoU. The prediction rule's
-threshold, for the teacher's masks and every IoU, is the run's `--threshold` (AdaptConfig.threshold is set
-from run.json):
+threshold, for the teacher's masks and every IoU, is the run's keep threshold (run.json `threshold`, the prediction rule's 0.5;
+AdaptConfig.threshold is set from it):
 
     OUT/<slug>/            the adapter (jalias.adapt.store layout); its card's metrics hold label_before /
                            label_after on search and held-out images, alias_heldout, and the losses

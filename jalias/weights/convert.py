@@ -64,7 +64,7 @@ _HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorc
 # ---- layout detection -------------------------------------------------------------------------------------------
 def resolve(src: str | os.PathLike) -> Path:
     """A path, or a bare checkpoint name ("tiny") looked up in $JALIAS_WEIGHTS and <repo>/weights."""
-    path = Path(src)
+    path = Path(src).expanduser()
     if path.exists():
         return path
     name = str(src)
