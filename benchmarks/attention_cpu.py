@@ -13,17 +13,16 @@ on a shared 2-core machine the medians move with the load. XLA_FLAGS set outside
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 
+from jalias.atomic import write_json_atomic
 from jalias.model.layers import attend_blocked
 
 
@@ -74,8 +73,7 @@ def main(argv=None) -> dict:
            "xla_flags": os.environ.get("XLA_FLAGS", ""), "machine": platform.machine(),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(res, indent=1))
+        write_json_atomic(a.json, res)
     return res
 
 
