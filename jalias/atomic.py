@@ -15,6 +15,12 @@ KILL_IN_WRITE_ENV = "JALIAS_TEST_SIGKILL_IN_WRITE"
 _hooked_writes = 0
 
 
+def check_out_folder(path: str | os.PathLike, name: str = "--out") -> None:
+    """FileExistsError when an output folder's path holds a file (checked before any work is done)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise FileExistsError(f"{name} {path} exists and is not a directory")
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> None:
     """Write JSON to a temp file beside `path` (.NAME.tmp-PID), fsync, then os.replace. On any error (e.g. a
     full disk: OSError ENOSPC) the temp file is removed and `path` keeps its previous content."""

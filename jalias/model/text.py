@@ -1,7 +1,8 @@
 """CLIP text encoder (causal, context 32) as used by SAM3 (HF `CLIPTextModelWithProjection.text_model`).
 
 Supports prefix key/value caching: because attention is causal, the hidden states and keys/values of a prefix
-do not depend on what follows, so many candidates sharing a prefix can reuse them (`TextEncoder.__call__(..., past=...)`).
+do not depend on what follows, so many candidates sharing a prefix can reuse them
+(`TextEncoder.__call__(..., past=...)`).
 """
 
 from __future__ import annotations

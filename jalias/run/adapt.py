@@ -5,8 +5,8 @@ trained on the search images (teacher targets from RUN_DIR/export/<slug>.npz whe
 prompt mode and threshold exists, else computed in memory by `teacher_outputs`: the same values up to float
 rounding, as tests/test_adapt.py checks; a lora that reads the detector states, which the export does not hold,
 computes all its targets in memory) and then measured with the engine's exact IoU. The prediction rule's
-threshold, for the teacher's masks and every IoU, is the run's keep threshold (run.json `threshold`, the prediction rule's 0.5;
-AdaptConfig.threshold is set from it):
+threshold, for the teacher's masks and every IoU, is the run's keep threshold (run.json `threshold`, the
+prediction rule's 0.5; AdaptConfig.threshold is set from it):
 
     OUT/<slug>/            the adapter (jalias.adapt.store layout); its card's metrics hold label_before /
                            label_after on search and held-out images, alias_heldout, and the losses
@@ -34,6 +34,7 @@ from ..adapt import AdaptConfig, AdaptError, apply_adapters, load_adapter, model
 from ..adapt.loss import alias_targets, gt_targets, image_contexts, teacher_outputs
 from ..adapt.store import CARD, read_card
 from ..adapt.trainer import train_adapter
+from ..atomic import check_out_folder
 from .io import mean, write_json_atomic
 from .model import load_model
 from .rundir import RunDir
@@ -111,8 +112,7 @@ def adapt_run(run_dir: str | os.PathLike, kind: str = "embed", teacher: str = "a
     cfg.validate()
     chosen = _choose(finished, categories, cfg.teacher, log)
     out = Path(out) if out is not None else run_dir / "adapters" / f"{cfg.kind}-{cfg.teacher}"
-    if out.exists() and not out.is_dir():
-        raise AdaptError(f"--out {out} exists and is not a directory")
+    check_out_folder(out)
     done = [r for r in chosen if (out / r["slug"] / CARD).exists()]
     if done and not (resume or overwrite):
         raise AdaptError(f"{out} already holds finished adapters ({', '.join(r['category'] for r in done[:3])}"

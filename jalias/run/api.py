@@ -70,8 +70,7 @@ def search_dataset(weights: str, annotations: str | os.PathLike, images: str | o
     if model is not None and getattr(model, "adapters", ()):
         raise ValueError("the model passed in carries adapters: pass the plain model and their directories as "
                          "adapters=... so run.json records them")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk-size must be >= 1, got {chunk_size}")
+    _check_chunk_size(chunk_size)
     if grad_batch < 1:
         raise ValueError(f"grad-batch must be >= 1, got {grad_batch}")
     run = RunDir(out)
@@ -211,6 +210,11 @@ def demo(out: str | os.PathLike = "runs/demo", budget: int = 1000, method: str =
                           console=console, model=model)
 
 
+def _check_chunk_size(chunk_size: int | None) -> None:
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk-size must be >= 1, got {chunk_size}")
+
+
 def _prompt_ids(prompt: str | None, tokens: Sequence[int] | None) -> list[int]:
     """Content ids of a text prompt or of explicit token ids (exactly one given); ValueError on bad input."""
     from ..tokenizer import START_ID, encode
@@ -250,8 +254,7 @@ def evaluate_prompt(weights: str, annotations: str | os.PathLike, images: str | 
     ids = _prompt_ids(prompt, tokens)
     if negatives < 0:
         raise ValueError(f"negatives must be >= 0, got {negatives}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk-size must be >= 1, got {chunk_size}")
+    _check_chunk_size(chunk_size)
     adapters = adapter_paths(adapters)
     if model is None:
         model, _ = load_model(weights_spec(str(weights)), dtype, prompt_mode, adapters)

@@ -53,6 +53,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..atomic import check_out_folder
 from ..engine.predict import UNION_FLOOR, layout, predict
 from ..model.preprocess import preprocess
 from .io import write_json_atomic
@@ -185,8 +186,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
     if not finished:
         raise ValueError(f"{run.path} has no finished category to export (run `jalias search` first)")
     out = Path(out) if out is not None else run.path / "export"
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} exists and is not a directory")
+    check_out_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     if model is None:
         model, _ = load_model(settings.weights, settings.dtype, settings.prompt_mode, settings.adapters)

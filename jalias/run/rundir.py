@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from ..atomic import check_out_folder
 from .io import RunLog, clean, mean, now, read_json, version, write_json_atomic
 
 RESULTS_FORMAT = "jalias.results"
@@ -153,8 +154,8 @@ class RunDir:
             elif not overwrite:
                 raise FileExistsError(f"{self.path} already holds a run: pass --resume to continue it or "
                                       "--overwrite to start over")
-        elif self.path.exists() and not self.path.is_dir():
-            raise FileExistsError(f"{self.path} exists and is not a directory")
+        else:
+            check_out_folder(self.path)
 
     def prepare(self, settings: RunSettings, resume: bool, overwrite: bool) -> None:
         """Start a fresh run (writes run.json) or check that `settings` equal the recorded ones (resume). Callers

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ..atomic import write_json_atomic
+from ..atomic import check_out_folder, write_json_atomic
 from .config import CONFIGS, TrainConfig
 from .loop import train
 
@@ -39,8 +39,7 @@ def train_checkpoint(recipe: TrainConfig = TrainConfig(), out: str | os.PathLike
         raise ValueError(f"eval-images must be >= 1, got {eval_images}")
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
-    if Path(out).exists() and not Path(out).is_dir():
-        raise FileExistsError(f"--out {out} exists and is not a directory")
+    check_out_folder(out)
     t0 = time.time()
     result = train(recipe, out=out, resume=resume, progress=progress, log=log)
     out = Path(out).expanduser().absolute()
