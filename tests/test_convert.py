@@ -481,6 +481,16 @@ def test_committed_tiny_checkpoint():
     assert out["pred_masks"].std() > 0
 
 
+def test_committed_tiny_checkpoint_reconverts(tmp_path):
+    """weights/tiny has no geometry-encoder weights although its config.json describes the encoder: converting it
+    (e.g. to float32) keeps "hf" prompt mode and every param, instead of failing on the missing encoder."""
+    convert(REPO_WEIGHTS / "tiny", tmp_path / "f32")
+    a, b = load("tiny"), load(tmp_path / "f32")
+    assert b.config.geometry is None and orbax_io.load_meta(tmp_path / "f32")["dtype"] == "float32"
+    for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def test_make_tiny_is_deterministic(tmp_path):
     import importlib.util
 

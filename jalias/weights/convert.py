@@ -220,6 +220,17 @@ def _config_beside(path: Path, config: Any, layout: str) -> Sam3Config:
                      "--config PATH, Python config=...)")
 
 
+def _orbax_config(params: dict, config: Any, src) -> Sam3Config:
+    """The config of a jalias checkpoint's params. One without geometry-encoder weights (converted by an older
+    jalias, or written without them, as weights/tiny) runs in "hf" prompt mode only: its config drops `geometry`."""
+    cfg = as_config(config)
+    if cfg.geometry is not None and "geometry_encoder" not in params:
+        log.info("%s has no geometry-encoder weights (converted by an older jalias): only prompt_mode "
+                 "'hf' is available; re-convert from the HF/Meta source for Meta's behaviour", src)
+        cfg = dataclasses.replace(cfg, geometry=None)
+    return cfg
+
+
 def read_checkpoint(src: str | os.PathLike, config: Any = None) -> tuple[dict[str, np.ndarray], Sam3Config]:
     """Any source layout -> (HF-keyed state dict of numpy arrays, Sam3Config).
 
@@ -231,7 +242,7 @@ def read_checkpoint(src: str | os.PathLike, config: Any = None) -> tuple[dict[st
     layout = detect_layout(path)
     if layout == "orbax":
         params, cfg_dict, _ = orbax_io.load(path)
-        return params_to_state_dict(params), as_config(config if config is not None else cfg_dict)
+        return params_to_state_dict(params), _orbax_config(params, config if config is not None else cfg_dict, path)
     if layout == "hf_dir":
         cfg = as_config(config if config is not None else path / "config.json")
         if (path / "model.safetensors").is_file():
@@ -446,12 +457,7 @@ def load(path: str | os.PathLike, dtype: str | None = None, config: Any = None, 
     src = resolve(path)
     if detect_layout(src) == "orbax":
         params, cfg_dict, _ = orbax_io.load(src, verify=verify)
-        cfg = as_config(config if config is not None else cfg_dict)
-        if cfg.geometry is not None and "geometry_encoder" not in params:
-            # converted by a jalias that dropped the geometry encoder: the model runs, in "hf" prompt mode only
-            log.info("%s has no geometry-encoder weights (converted by an older jalias): only prompt_mode "
-                        "'hf' is available; re-convert from the HF/Meta source for Meta's behaviour", src)
-            cfg = dataclasses.replace(cfg, geometry=None)
+        cfg = _orbax_config(params, config if config is not None else cfg_dict, src)
         _check_tree(params, cfg, str(src))  # a config.json edited or not matching the params: one line, not Flax's
         if compute == np.float32:  # Sam3 only casts when computing in a narrower dtype; leaf by leaf, so no
             params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)  # full float32 host copy
