@@ -6,6 +6,10 @@ rule next to what the model's own outputs could give, and the empty rate on nega
 On the evaluation images of `jalias.train.evaluate.skill` (EVAL_STREAM, never training images), per ID concept:
 - rule: the engine's rule (queries with query prob x presence prob > threshold, their masks unioned);
 - best query: the single query whose mask best matches the ground truth (an oracle on the decoder's masks);
+- per instance: for each instance of the concept, the query whose mask best matches it (IoU against that instance
+  alone), averaged over instances: a decoder whose queries each take one instance scores high here;
+- query spread: the std across queries of the mask logits over the mean |mask logit| (0: every query gives the same
+  mask, the decoder has collapsed to one query);
 - semantic: the mask head's semantic map > 0 (SAM3's other output, not used by the rule);
 - grid cap: the ground truth area-averaged onto the mask head's m x m grid (m = 4 x ViT grid), minus 0.5, resized
   as the model's masks are: the IoU the mask resolution itself allows (an upper bound for any mask of that grid);
@@ -101,9 +105,14 @@ def diagnose(model, n_images: int = 8) -> dict:
         pos = []
         for k, (im, gt) in enumerate(zip(images, masks)):
             o = outputs(model, im, ids, cache, (c.name, k))
+            qmasks = upsample(o["pred_masks"], size)
+            instances = [i.mask for i in world.concept_scene(0, c, k, size).instances if i.concept == c.name]
+            spread = o["pred_masks"].std(axis=0).mean() / max(float(np.abs(o["pred_masks"]).mean()), 1e-9)
             pos.append({
                 "rule": {t: iou(rule_mask(o, t, size), gt) for t in THRESHOLDS},
-                "best_query": max(iou(m, gt) for m in upsample(o["pred_masks"], size)),
+                "best_query": max(iou(m, gt) for m in qmasks),
+                "per_instance": float(np.mean([max(iou(m, g) for m in qmasks) for g in instances])),
+                "query_spread": float(spread),
                 "semantic": iou(upsample(o["semantic_logits"], size), gt),
                 "grid_cap": grid_cap(gt, o["pred_masks"].shape[-1]),
                 "top_score": float(o["scores"].max()),
@@ -121,6 +130,8 @@ def summary(rows: list[dict]) -> dict:
         return float(np.mean([np.mean([f(p) for p in r["pos"]]) for r in rows]))
 
     out = {"best_query": mean_over_concepts(lambda p: p["best_query"]),
+           "per_instance": mean_over_concepts(lambda p: p["per_instance"]),
+           "query_spread": mean_over_concepts(lambda p: p["query_spread"]),
            "semantic": mean_over_concepts(lambda p: p["semantic"]),
            "grid_cap": mean_over_concepts(lambda p: p["grid_cap"]), "rule": {}}
     for t in THRESHOLDS:
@@ -137,8 +148,9 @@ def table(s: dict) -> str:
     lines = ["| keep threshold | ID label IoU (rule) | empty on negatives |", "|---:|---:|---:|"]
     lines += [f"| {t} | {v['id_iou']:.3f} | {v['empty_rate']:.2f} |" for t, v in s["rule"].items()]
     q = s["top_score_quartiles"]
-    lines += ["", f"oracle best single query: {s['best_query']:.3f}; semantic map > 0: {s['semantic']:.3f}; "
-              f"mask-grid cap: {s['grid_cap']:.3f}",
+    lines += ["", f"oracle best single query: {s['best_query']:.3f}; per instance: {s['per_instance']:.3f}; "
+              f"semantic map > 0: {s['semantic']:.3f}; mask-grid cap: {s['grid_cap']:.3f}",
+              f"query spread (std of mask logits across queries / mean |logit|): {s['query_spread']:.4f}",
               f"top query score quartiles: positives {np.round(q['positives'], 3).tolist()}, "
               f"negatives {np.round(q['negatives'], 3).tolist()}"]
     return "\n".join(lines)

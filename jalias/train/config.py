@@ -39,7 +39,13 @@ class TrainConfig:
     query's sigmoid ~0.04 after 6,000 steps, so nothing passes the 0.5 prediction threshold). Stage 2 grounds
     them: a fresh AdamW at the constant `stage2_lr`, IoU-aware query targets (`class_target="iou"`), the class
     loss on present phrases only (absent phrases are left to the presence token), no colour-only phase, and
-    batches `sample_batch(..., stage2_batch_offset + i)` that stage 1 never drew (benchmarks/RESULTS.md)."""
+    batches `sample_batch(..., stage2_batch_offset + i)` that stage 1 never drew (benchmarks/RESULTS.md).
+
+    Three settings keep the decoder's 16 queries apart (without them they collapse into one query: every query
+    gives the same mask and score, benchmarks/RESULTS.md): step 0 starts from `train.init.initial_params`, whose
+    decoder box position bias is a box-locality prior of strength `rpb_locality`; the matching cost holds an
+    anchor term (`w_anchor`, loss.match_costs); the decoder learns at `decoder_lr_scale` x the learning rate (at
+    the full rate its vision cross-attention outputs grow until they drown each query's own state)."""
 
     config: str = "small"  # a name in CONFIGS
     steps: int = 6000
@@ -49,6 +55,7 @@ class TrainConfig:
     lr: float = 1e-3
     warmup: int = 100
     final_lr_fraction: float = 0.1  # cosine decay to lr * this
+    decoder_lr_scale: float = 0.1  # the DETR decoder's learning rate is lr x this
     weight_decay: float = 1e-4  # not on the token table: words never seen keep their initial embeddings
     clip_norm: float = 1.0
     seed: int = 0
@@ -62,6 +69,8 @@ class TrainConfig:
     w_dice: float = 2.0
     w_box: float = 2.0
     w_semantic: float = 5.0
+    w_anchor: float = 5.0  # matching cost: L1 of a query's reference-box centre to the target's centre
+    rpb_locality: float = 8.0  # > 0: start the decoder's box position bias as a box-locality prior (train.init)
     checkpoint_every_s: float = 180.0
     stage2_steps: int = 1500  # 0: stage 1 only
     stage2_lr: float = 3e-4

@@ -27,10 +27,10 @@ import numpy as np
 import optax
 
 from ..atomic import write_json_atomic
-from ..model.init import random_params
 from ..model.sam3 import Sam3Module
 from .batches import build_pool, reserved_tokens, sample_batch
 from .config import CONFIGS, TrainConfig
+from .init import initial_params
 from .loss import set_loss
 
 STATE_FORMAT = "jalias.train_state"
@@ -56,8 +56,15 @@ def optimizer(train: TrainConfig) -> optax.GradientTransformation:
         return jax.tree_util.tree_map_with_path(lambda path, _: "token_embedding" not in jax.tree_util.keystr(path),
                                                 params)
 
-    return optax.chain(optax.clip_by_global_norm(train.clip_norm),
-                       optax.adamw(schedule, weight_decay=train.weight_decay, mask=decay_mask))
+    tx = optax.chain(optax.clip_by_global_norm(train.clip_norm),
+                     optax.adamw(schedule, weight_decay=train.weight_decay, mask=decay_mask))
+    if train.decoder_lr_scale != 1.0:  # the DETR decoder's steps scaled (its learning rate x this)
+        def decoder(params):
+            return jax.tree_util.tree_map_with_path(lambda path, _: "detr_decoder" in jax.tree_util.keystr(path),
+                                                    params)
+
+        tx = optax.chain(tx, optax.masked(optax.scale(train.decoder_lr_scale), decoder))
+    return tx
 
 
 def make_step(cfg, train: TrainConfig, opt: optax.GradientTransformation) -> Callable:
@@ -72,7 +79,8 @@ def make_step(cfg, train: TrainConfig, opt: optax.GradientTransformation) -> Cal
         image = jax.tree_util.tree_map(lambda x: jnp.repeat(x, p, axis=0), image)
         prompt, _ = run("encode_text", run("embed_tokens", batch["input_ids"]), batch["attention_mask"])
         out = run("detect", image, prompt, batch["attention_mask"])
-        return set_loss(out, batch, train)
+        anchors = jax.nn.sigmoid(params["detr_decoder"]["reference_points"]["embedding"])
+        return set_loss(out, batch, train, anchors)
 
     def step(params, opt_state, batch):
         (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
@@ -155,7 +163,7 @@ def train(train: TrainConfig = TrainConfig(), out: str | os.PathLike = "runs/tra
         raise TrainError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     total = train.total_steps
-    params = jax.tree_util.tree_map(jnp.asarray, random_params(cfg, train.seed))
+    params = jax.tree_util.tree_map(jnp.asarray, initial_params(cfg, train))
     opt_state = optimizer(train).init(params)  # stage 2's fresh AdamW has the same tree
     step, losses = 0, []
     if resume and state_path.exists():

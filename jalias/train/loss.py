@@ -9,6 +9,12 @@ random tokens), and a matched query's mask should be its instance. Plain BCE (no
 calibrated around the 0.5 threshold the prediction rule uses. The semantic term gives every pixel a grounding
 signal (is this pixel part of what the phrase names?), which the sparse matched-query terms alone learn slowly.
 
+The matching cost also holds an anchor term (`TrainConfig.w_anchor`): the distance of a query's learned reference
+box centre to the target's centre. Without it, a decoder whose queries are still alike gets a different query for
+the same instance every step, each query learns the average of all instances, and the queries collapse into one
+(benchmarks/RESULTS.md, "The decoder's queries collapse"); with it, a query keeps being matched to the instances
+near its anchor and learns to take them.
+
 Matching runs on the host (`scipy.optimize.linear_sum_assignment`) through `jax.pure_callback` on a
 stop-gradient cost, so the whole step stays one jitted function.
 """
@@ -29,8 +35,13 @@ def _bce(logits: jax.Array, target: jax.Array) -> jax.Array:
     return jnp.maximum(logits, 0) - logits * target + jnp.log1p(jnp.exp(-jnp.abs(logits)))
 
 
-def match_costs(out: dict, tmask: jax.Array, tbox: jax.Array, tvalid: jax.Array, w: TrainConfig) -> jax.Array:
+def match_costs(out: dict, tmask: jax.Array, tbox: jax.Array, tvalid: jax.Array, w: TrainConfig,
+                anchors: jax.Array | None = None) -> jax.Array:
     """Cost float32[N, Q, M] of assigning query q to target slot j (padded slots cost _INVALID).
+
+    anchors: float32[Q, 4] cxcywh, the queries' learned reference boxes; with w.w_anchor > 0 the L1 distance of a
+    query's anchor centre to the target box's centre is added, so a query is matched to the instances near its own
+    anchor step after step (see TrainConfig.w_anchor).
 
     out: detector outputs (pred_logits [N, Q], pred_boxes [N, Q, 4] xyxy, pred_masks [N, Q, m, m] logits);
     tmask [N, M, m, m] in [0, 1]; tbox [N, M, 4] xyxy; tvalid bool [N, M]."""
@@ -50,6 +61,10 @@ def match_costs(out: dict, tmask: jax.Array, tbox: jax.Array, tvalid: jax.Array,
     l1 = jnp.abs(out["pred_boxes"][:, :, None, :] - tbox[:, None, :, :]).sum(-1)
     cls = -jax.nn.sigmoid(logits)[:, :, None]
     cost = w.w_class * cls + w.w_mask_bce * bce + w.w_dice * dice + w.w_box * l1
+    if w.w_anchor > 0 and anchors is not None:
+        centre = (tbox[..., :2] + tbox[..., 2:]) / 2  # [N, M, 2]
+        a = jax.lax.stop_gradient(anchors[:, :2].astype(jnp.float32))
+        cost = cost + w.w_anchor * jnp.abs(a[None, :, None, :] - centre[:, None, :, :]).sum(-1)
     return jnp.where(tvalid[:, None, :], cost, _INVALID)
 
 
@@ -83,10 +98,11 @@ def hungarian(cost: jax.Array, valid: jax.Array) -> jax.Array:
     return jax.pure_callback(_hungarian, shape, cost, valid, vmap_method="sequential")
 
 
-def set_loss(out: dict, batch: dict, w: TrainConfig) -> tuple[jax.Array, dict]:
-    """Scalar loss and its parts for detector outputs on B*P pairs (see `batches.sample_batch` for the batch)."""
+def set_loss(out: dict, batch: dict, w: TrainConfig, anchors: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """Scalar loss and its parts for detector outputs on B*P pairs (see `batches.sample_batch` for the batch);
+    anchors: the queries' reference boxes [Q, 4] cxcywh for the matching's anchor cost."""
     tmask, tbox, tvalid = batch["tmask"], batch["tbox"], batch["tvalid"]
-    idx = hungarian(match_costs(out, tmask, tbox, tvalid, w), tvalid)  # [N, M]
+    idx = hungarian(match_costs(out, tmask, tbox, tvalid, w, anchors), tvalid)  # [N, M]
     n, q = out["pred_logits"].shape
     validf = tvalid.astype(jnp.float32)
     n_targets = jnp.maximum(validf.sum(), 1.0)
