@@ -2,8 +2,8 @@
 decoder's box relative-position bias (RPB).
 
 Why: trained from plain random weights, the decoder's queries collapse. All 16 queries end up with the same
-hidden state, so they give the same mask and the same score and only their boxes differ (measured on the shipped
-weights/small: mask std across queries 3e-6 against mean |logit| 9). A collapsed decoder is a semantic
+hidden state, so they give the same mask and the same score and only their boxes differ (measured on the first
+weights/small, v1: mask std across queries 3e-6 against mean |logit| 9). A collapsed decoder is a semantic
 segmenter with one query: under matched 0/1 class targets the best it can score is about (instances / queries),
 and the one mask is a compromise between the instances it is matched to. At random init the RPB adds a near
 uniform bias, so every query's vision cross-attention reads the same places and nothing in the forward pass
